@@ -1,0 +1,53 @@
+"""Per-call state that a forward pass threads through every layer.
+
+The model itself never knows which PEFT method is active; the few things a
+method may need at a projection (compute dtype, a dropout key, which adapter or
+task each batch row uses) travel in a :class:`Context`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a forward pass knows besides params and activations.
+
+    Attributes:
+        dtype: compute dtype of matmuls and activations.
+        rng: dropout key, or None when deterministic.
+        adapter_ids: int32 ``[B]``: which named adapter each row uses (-1: none).
+        task_ids: int32 ``[B]``: which task prompt each row uses.
+
+    Example:
+        >>> ctx = Context(jnp.float32, rng=jax.random.key(0)).for_layer(3)
+        >>> ctx.module_rng("q_proj") is not None
+        True
+    """
+
+    dtype: jnp.dtype = jnp.float32
+    rng: jax.Array | None = None
+    adapter_ids: jax.Array | None = None
+    task_ids: jax.Array | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        """True when no dropout key was given."""
+        return self.rng is None
+
+    def for_layer(self, index: jax.Array | int) -> Context:
+        """The context for layer ``index`` (its own dropout stream)."""
+        if self.rng is None:
+            return self
+        return dataclasses.replace(self, rng=jax.random.fold_in(self.rng, index))
+
+    def module_rng(self, name: str) -> jax.Array | None:
+        """A dropout key for the module called ``name`` (stable across runs)."""
+        if self.rng is None:
+            return None
+        return jax.random.fold_in(self.rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)

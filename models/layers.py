@@ -1,0 +1,101 @@
+"""One LLaMA decoder layer: RMSNorm, GQA self-attention with RoPE, SwiGLU MLP.
+
+Every projection goes through :func:`models.linear.linear`; optional PEFT nodes
+enter through :mod:`models.hooks`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from models import hooks
+from models.config import LlamaConfig
+from models.context import Context
+from models.linear import dense, linear
+from models.rope import apply_rotary
+
+Params = dict[str, Any]
+
+
+def rms_norm(scale: Any, x: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:
+    """HF's LlamaRMSNorm: normalize in fp32, cast, then multiply by the scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return dense(scale).astype(dtype) * normed.astype(dtype)
+
+
+def mlp(p: Params, x: jax.Array, ctx: Context) -> jax.Array:
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    gate = linear(p["gate_proj"], x, ctx, "gate_proj")
+    up = linear(p["up_proj"], x, ctx, "up_proj")
+    return linear(p["down_proj"], jax.nn.silu(gate) * up, ctx, "down_proj")
+
+
+def self_attention(
+    p: Params,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    mask: jax.Array,
+    cfg: LlamaConfig,
+    ctx: Context,
+    kv: dict[str, Any],
+    attention_impl: str | None,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """GQA self-attention for ``x [B, T, hidden]`` under a boolean ``mask [B, T, S]``.
+
+    ``kv`` carries this layer's optional extras: ``cache_k/cache_v`` with the
+    write position ``length`` (decoding), ``prefix_k/prefix_v`` (prepended
+    keys/values), and ``adaption`` (a LLaMA-Adapter node). Returns the output and
+    the updated cache entries.
+    """
+    b, t, _ = x.shape
+    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = linear(p["q_proj"], x, ctx, "q_proj").reshape(b, t, heads, d)
+    k = linear(p["k_proj"], x, ctx, "k_proj").reshape(b, t, kv_heads, d)
+    v = linear(p["v_proj"], x, ctx, "v_proj").reshape(b, t, kv_heads, d)
+    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+
+    updated = {}
+    if "cache_k" in kv:
+        start = (0, kv["length"], 0, 0)
+        k = jax.lax.dynamic_update_slice(kv["cache_k"], k.astype(kv["cache_k"].dtype), start)
+        v = jax.lax.dynamic_update_slice(kv["cache_v"], v.astype(kv["cache_v"].dtype), start)
+        updated = {"cache_k": k, "cache_v": v}
+        k, v = k.astype(ctx.dtype), v.astype(ctx.dtype)
+    if "prefix_k" in kv:
+        k = jnp.concatenate([kv["prefix_k"].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([kv["prefix_v"].astype(v.dtype), v], axis=1)
+
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=d**-0.5, implementation=attention_impl
+    )
+    out = linear(p["o_proj"], out.reshape(b, t, heads * d), ctx, "o_proj")
+    if "adaption" in kv:
+        out = out + hooks.adaption_output(kv["adaption"], q, p, ctx).astype(out.dtype)
+    return out, updated
+
+
+def decoder_layer(
+    p: Params,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    mask: jax.Array,
+    cfg: LlamaConfig,
+    ctx: Context,
+    kv: dict[str, Any],
+    attention_impl: str | None,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """Pre-norm residual block; adapters (when present) act on each sub-layer's output."""
+    h = rms_norm(p["input_layernorm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)
+    h, updated = self_attention(p["self_attn"], h, rope, mask, cfg, ctx, kv, attention_impl)
+    if "adapter_attn" in p:
+        h = hooks.adapter(p["adapter_attn"], h, ctx, "adapter_attn")
+    x = x + h
+    h = rms_norm(p["post_attention_layernorm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)
+    h = mlp(p["mlp"], h, ctx)
+    if "adapter_mlp" in p:
+        h = hooks.adapter(p["adapter_mlp"], h, ctx, "adapter_mlp")
+    return x + h, updated

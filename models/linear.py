@@ -1,0 +1,54 @@
+"""The one matmul entry point every projection goes through.
+
+A projection's ``kernel`` is a *weight node*: a plain ``[in, out]`` array, or
+any pytree node a PEFT method put there (a LoRA wrapper, a packed NF4 weight,
+...). :func:`matmul` and :func:`dense` dispatch on the node's type; methods
+register their own implementations, so the model code never changes when a
+method is added::
+
+    @matmul.register(MyNode)
+    def _(w: MyNode, x, ctx, name): ...
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from models.context import Context
+
+
+@functools.singledispatch
+def matmul(w: Any, x: jax.Array, ctx: Context, name: str) -> jax.Array:
+    """``x @ w`` for a weight node ``w`` with logical shape ``[in, out]``.
+
+    ``name`` is the HF module name (``"q_proj"``...), used for dropout streams.
+
+    Example:
+        >>> y = matmul(jnp.ones((4, 3)), jnp.ones((2, 4)), Context(), "q_proj")
+        >>> y.shape
+        (2, 3)
+    """
+    return jnp.matmul(x.astype(ctx.dtype), jnp.asarray(w).astype(ctx.dtype))
+
+
+@functools.singledispatch
+def dense(w: Any) -> jax.Array:
+    """The plain array a weight node stands for (e.g. base + LoRA delta, dequantized NF4).
+
+    Example:
+        >>> dense(jnp.eye(2)).shape
+        (2, 2)
+    """
+    return jnp.asarray(w)
+
+
+def linear(p: dict[str, Any], x: jax.Array, ctx: Context, name: str) -> jax.Array:
+    """An HF ``nn.Linear``: ``p`` holds ``kernel`` (a weight node) and optionally ``bias``."""
+    y = matmul(p["kernel"], x, ctx, name)
+    if "bias" in p:
+        y = y + dense(p["bias"]).astype(y.dtype)
+    return y

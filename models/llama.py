@@ -1,0 +1,281 @@
+"""The LLaMA decoder as a pure function of a params pytree, and its Flax module.
+
+Params layout (layer entries carry a leading ``num_hidden_layers`` axis)::
+
+    embed_tokens/embedding          [vocab, hidden]
+    layers/input_layernorm/scale    [L, hidden]
+    layers/self_attn/{q,k,v,o}_proj/kernel (+bias)   [L, in, out]
+    layers/post_attention_layernorm/scale
+    layers/mlp/{gate,up,down}_proj/kernel (+bias)
+    norm/scale                      [hidden]
+    lm_head/kernel                  [hidden, vocab]   (absent when tied)
+
+plus optional PEFT entries read through :mod:`models.hooks`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import hooks
+from models.cache import KVCache
+from models.config import LlamaConfig
+from models.context import Context
+from models.layers import decoder_layer, rms_norm
+from models.linear import dense, linear
+from models.rope import rotary_tables
+
+Params = dict[str, Any]
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def forward(
+    params: Params,
+    cfg: LlamaConfig,
+    input_ids: jax.Array,
+    *,
+    attention_mask: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: KVCache | None = None,
+    ctx: Context | None = None,
+    remat: str = "none",
+    attention_impl: str | None = None,
+) -> jax.Array | tuple[jax.Array, KVCache]:
+    """Logits ``[B, T, vocab]`` aligned with ``input_ids [B, T]``.
+
+    Args:
+        attention_mask: int ``[B, T]``, 0 marks padding (left or right).
+        position_ids: explicit RoPE positions of the real tokens; by default each
+            token's position is the number of valid tokens before it.
+        segment_ids: int ``[B, T]`` for packed rows: tokens attend only within their
+            segment (0 = padding). Pass ``position_ids`` restarting per segment too.
+        cache: a :class:`KVCache`; when given, returns ``(logits, new_cache)``.
+        ctx: compute dtype, dropout key and per-row adapter/task ids.
+        remat: ``"none"``, ``"full"`` or ``"dots"`` rematerialization of each layer.
+        attention_impl: passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> params = init_params(jax.random.key(0), cfg)
+        >>> forward(params, cfg, jnp.zeros((1, 5), jnp.int32)).shape
+        (1, 5, 32)
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    ctx = ctx or Context()
+    b, t = input_ids.shape
+    mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+    mask = mask.astype(jnp.int32)
+    x = dense(params["embed_tokens"]["embedding"])[input_ids].astype(ctx.dtype)
+
+    n_prompt = 0
+    if "prompt" in params and (cache is None or not cache.started):
+        if segment_ids is not None:
+            raise ValueError("soft prompts cannot be combined with packed rows (segment_ids)")
+        prompt = hooks.prompt_embeddings(params["prompt"], b, ctx).astype(ctx.dtype)
+        n_prompt = prompt.shape[1]
+        x = jnp.concatenate([prompt, x], axis=1)
+        mask = jnp.concatenate([jnp.ones((b, n_prompt), jnp.int32), mask], axis=1)
+        if position_ids is not None:
+            virtual = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
+            position_ids = jnp.concatenate([virtual, position_ids + n_prompt], axis=1)
+
+    extras: dict[str, jax.Array] = {}
+    n_prefix = 0
+    if "prefix" in params:
+        extras["prefix_k"], extras["prefix_v"] = hooks.prefix_key_values(params["prefix"], b, ctx)
+        n_prefix = extras["prefix_k"].shape[2]
+
+    past = 0 if cache is None else jnp.sum(cache.mask, axis=1, keepdims=True)
+    if position_ids is None:
+        position_ids = jnp.maximum(past + jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = position_ids + n_prefix
+    rope = rotary_tables(cfg, positions)
+
+    if cache is None:
+        attn_mask = _causal_mask(mask, segment_ids)
+    else:
+        if x.shape[1] > cache.max_len:
+            raise ValueError(f"{x.shape[1]} tokens do not fit a cache of {cache.max_len} slots")
+        new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.length))
+        attn_mask = _cached_mask(new_mask, cache.length, x.shape[1])
+        extras["cache_k"], extras["cache_v"] = cache.k, cache.v
+    if n_prefix:
+        attn_mask = jnp.concatenate(
+            [jnp.ones((b, attn_mask.shape[1], n_prefix), bool), attn_mask], axis=2
+        )
+
+    x, updated = _run_layers(
+        params, cfg, x, rope, attn_mask, extras, cache, ctx, remat, attention_impl
+    )
+    x = rms_norm(params["norm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)[:, n_prompt:]
+    if cfg.tie_word_embeddings:
+        logits = x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
+    else:
+        logits = linear(params["lm_head"], x, ctx, "lm_head")
+    if cache is None:
+        return logits
+    new_cache = KVCache(
+        k=updated["cache_k"],
+        v=updated["cache_v"],
+        mask=new_mask,
+        length=cache.length + mask.shape[1],
+        started=True,
+    )
+    return logits, new_cache
+
+
+def _causal_mask(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    t = valid.shape[1]
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (valid[:, None, :] > 0)
+    if segment_ids is not None:
+        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return allowed
+
+
+def _cached_mask(slot_valid: jax.Array, length: jax.Array, t: int) -> jax.Array:
+    slots = jnp.arange(slot_valid.shape[1])
+    query_slots = length + jnp.arange(t)
+    causal = slots[None, :] <= query_slots[:, None]
+    return causal[None] & (slot_valid[:, None, :] > 0)
+
+
+def _run_layers(params, cfg, x, rope, attn_mask, extras, cache, ctx, remat, attention_impl):
+    """Scan the stacked layers; a LLaMA-Adapter node splits the stack in two segments."""
+    layers = params["layers"]
+    n_layers = cfg.num_hidden_layers
+    per_layer = {"layer": layers, "index": jnp.arange(n_layers), **extras}
+    adaption = params.get("adaption")
+    n_top = 0 if adaption is None else jax.tree.leaves(adaption)[0].shape[0]
+
+    def body(h, xs):
+        kv = {k: v for k, v in xs.items() if k not in ("layer", "index")}
+        if cache is not None:
+            kv["length"] = cache.length
+        h, updated = decoder_layer(
+            xs["layer"], h, rope, attn_mask, cfg, ctx.for_layer(xs["index"]), kv, attention_impl
+        )
+        return h, updated
+
+    policy = REMAT_POLICIES[remat]
+    if remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+    split = n_layers - n_top
+    bottom = jax.tree.map(lambda a: a[:split], per_layer)
+    x, updated = jax.lax.scan(body, x, bottom)
+    if n_top:
+        top = jax.tree.map(lambda a: a[split:], per_layer)
+        x, updated_top = jax.lax.scan(body, x, {**top, "adaption": adaption})
+        updated = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), updated, updated_top)
+    return x, updated
+
+
+def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32) -> Params:
+    """Random base params (normal std 0.02, unit norms), as HF initializes LLaMA.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> init_params(jax.random.key(0), cfg)["layers"]["mlp"]["up_proj"]["kernel"].shape
+        (2, 16, 32)
+    """
+    n, h, d = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim
+    q_out, kv_out = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {
+        "q_proj": (h, q_out, cfg.attention_bias),
+        "k_proj": (h, kv_out, cfg.attention_bias),
+        "v_proj": (h, kv_out, cfg.attention_bias),
+        "o_proj": (q_out, h, cfg.attention_bias),
+        "gate_proj": (h, cfg.intermediate_size, cfg.mlp_bias),
+        "up_proj": (h, cfg.intermediate_size, cfg.mlp_bias),
+        "down_proj": (cfg.intermediate_size, h, cfg.mlp_bias),
+    }
+    names = [*shapes, "embed", "head"]
+    keys = dict(zip(names, jax.random.split(key, len(names)), strict=True))
+
+    def proj(name: str) -> Params:
+        fan_in, fan_out, bias = shapes[name]
+        p = {"kernel": 0.02 * jax.random.normal(keys[name], (n, fan_in, fan_out), dtype)}
+        if bias:
+            p["bias"] = jnp.zeros((n, fan_out), dtype)
+        return p
+
+    params: Params = {
+        "embed_tokens": {
+            "embedding": 0.02 * jax.random.normal(keys["embed"], (cfg.vocab_size, h), dtype)
+        },
+        "layers": {
+            "input_layernorm": {"scale": jnp.ones((n, h), dtype)},
+            "self_attn": {name: proj(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "post_attention_layernorm": {"scale": jnp.ones((n, h), dtype)},
+            "mlp": {name: proj(name) for name in ("gate_proj", "up_proj", "down_proj")},
+        },
+        "norm": {"scale": jnp.ones((h,), dtype)},
+    }
+    if not cfg.tie_word_embeddings:
+        head = 0.02 * jax.random.normal(keys["head"], (h, cfg.vocab_size), dtype)
+        params["lm_head"] = {"kernel": head}
+    return params
+
+
+class Llama(nn.Module):
+    """Flax module around :func:`forward`; its params are the pytree above.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> model = Llama(cfg)
+        >>> ids = jnp.zeros((1, 4), jnp.int32)
+        >>> params = model.init(jax.random.key(0), ids)["params"]
+        >>> model.apply({"params": params}, ids).shape
+        (1, 4, 32)
+    """
+
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        adapter_ids: jax.Array | None = None,
+        task_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        if self.is_initializing():
+            base = init_params(self.make_rng("params"), self.cfg, self.param_dtype)
+            for name, value in base.items():
+                self.param(name, lambda _, v=value: v)
+        rng = None if deterministic else self.make_rng("dropout")
+        ctx = Context(self.dtype, rng=rng, adapter_ids=adapter_ids, task_ids=task_ids)
+        return forward(
+            self.variables["params"],
+            self.cfg,
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            segment_ids=segment_ids,
+            cache=cache,
+            ctx=ctx,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+        )
