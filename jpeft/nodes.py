@@ -38,6 +38,16 @@ class Node:
         """What :func:`jpeft.merge` puts in this node's place (itself if it cannot fold)."""
         return self
 
+    def logical_axes(self, base: tuple[str | None, ...] | None) -> Any:
+        """This node with each array replaced by its logical axis names (a tuple).
+
+        ``base`` is the logical axes of the tensor the node stands in for (e.g.
+        ``("layers", "embed", "mlp")`` for a stacked kernel), or None for nodes that
+        replace no tensor. The default replicates every array; nodes whose arrays
+        are large or follow the base layout (LoRA, NF4) override it.
+        """
+        return jax.tree.map(lambda a: (None,) * a.ndim, self)
+
 
 def node(trainable: tuple[str, ...] = (), static: tuple[str, ...] = ()) -> Callable[[T], T]:
     """Class decorator: a frozen dataclass registered as a pytree, with trainable fields.

@@ -1,0 +1,81 @@
+"""Read and write HF peft adapter directories (``adapter_config.json`` + safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from jpeft.method import Method, Params, method_for
+from models.config import LlamaConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def save_hf_adapter(
+    out_dir: str | os.PathLike,
+    method: Method,
+    params: Params,
+    cfg: LlamaConfig,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write ``method``'s trained nodes from ``params`` as a peft-loadable adapter directory.
+
+    Example:
+        >>> jpeft.save_hf_adapter("out/adapter", method, params, cfg)   # doctest: +SKIP
+        >>> # PeftModel.from_pretrained(hf_model, "out/adapter") now gives the same logits
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    config = {
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "revision": None,
+        **method.peft_config(cfg),
+    }
+    tensors = {k: np.ascontiguousarray(v) for k, v in method.peft_tensors(params, cfg).items()}
+    _atomic_write(
+        os.path.join(out_dir, WEIGHTS_NAME),
+        lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+    )
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _atomic_write(os.path.join(out_dir, CONFIG_NAME), lambda path: _write_text(path, text))
+
+
+def load_hf_adapter(
+    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig
+) -> tuple[Method, Params]:
+    """Read a peft adapter directory and apply it over base ``params``.
+
+    Example:
+        >>> method, params = jpeft.load_hf_adapter("my-adapter", params, cfg)  # doctest: +SKIP
+    """
+    adapter_dir = os.fspath(adapter_dir)
+    config_path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}")
+    with open(config_path) as f:
+        config: dict[str, Any] = json.load(f)
+    if "peft_type" not in config:
+        raise ValueError(f"{config_path}: no 'peft_type' key")
+    weights = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
+    tensors = load_file(weights)
+    return method_for(config["peft_type"]).from_peft(config, tensors, params, cfg)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
