@@ -60,8 +60,11 @@ def tensor_slots(cfg: LlamaConfig) -> Iterator[tuple[str, tuple, int | None, boo
 def hf_state_dict(params: dict[str, Any], cfg: LlamaConfig) -> dict[str, np.ndarray]:
     """Our (plain or merged) params as HF's LLaMA state dict of numpy arrays.
 
-    PEFT nodes are folded with :func:`models.linear.dense` (merge first to be explicit).
+    PEFT nodes at tensor slots are folded with :func:`models.linear.dense` (merge
+    first to be explicit); entries a plain LLaMA has no place for (adapters,
+    prompts, prefixes) raise ``ValueError``: they cannot be merged.
     """
+    _check_mergeable(params)
     out = {}
     for key, path, layer, transposed in tensor_slots(cfg):
         node: Any = params
@@ -70,3 +73,29 @@ def hf_state_dict(params: dict[str, Any], cfg: LlamaConfig) -> dict[str, np.ndar
         array = np.asarray(jax.device_get(dense(node) if layer is None else dense(node)[layer]))
         out[key] = np.ascontiguousarray(array.T if transposed else array)
     return out
+
+
+_BASE_ENTRIES = {
+    "embed_tokens": None,
+    "norm": None,
+    "lm_head": None,
+    "layers": {"input_layernorm", "post_attention_layernorm", "self_attn", "mlp"},
+}
+
+
+def _check_mergeable(params: dict[str, Any]) -> None:
+    extra = [k for k in params if k not in _BASE_ENTRIES]
+    extra += [f"layers/{k}" for k in params.get("layers", {}) if k not in _BASE_ENTRIES["layers"]]
+    if extra:
+        kinds = {k: type(_get(params, k)).__name__ for k in extra}
+        raise ValueError(
+            f"cannot write a plain LLaMA checkpoint: {kinds} have no place in it "
+            "(they add computation that cannot be folded into the base weights)"
+        )
+
+
+def _get(params: dict[str, Any], path: str) -> Any:
+    node: Any = params
+    for part in path.split("/"):
+        node = node[part]
+    return node

@@ -58,3 +58,31 @@ def batch(cfg):
     mask = np.ones((2, 9), np.int32)
     mask[1, 6:] = 0
     return ids, mask
+
+
+def next_token_loss(params, cfg: LlamaConfig, ids, mask=None):
+    """Mean next-token cross-entropy over valid targets (a plain reference, not train_step)."""
+    import jax.numpy as jnp
+
+    mask = jnp.ones(ids.shape, jnp.int32) if mask is None else mask
+    logits = llama.forward(params, cfg, ids, attention_mask=mask)[:, :-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    weights = mask[:, 1:].astype(jnp.float32)
+    return -jnp.sum(picked * weights) / jnp.sum(weights)
+
+
+def sgd_train(params, cfg: LlamaConfig, ids, steps: int = 10, lr: float = 0.1):
+    """Plain SGD on the trainable partition; returns (params, [losses])."""
+    import jpeft
+
+    trainable, frozen = jpeft.split(params)
+    loss_fn = jax.jit(
+        jax.value_and_grad(lambda t: next_token_loss(jpeft.combine(t, frozen), cfg, ids))
+    )
+    losses = []
+    for _ in range(steps):
+        loss, grads = loss_fn(trainable)
+        losses.append(float(loss))
+        trainable = jax.tree.map(lambda p, g: p - lr * g, trainable, grads)
+    return jpeft.combine(trainable, frozen), losses

@@ -1,0 +1,227 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020).
+
+A small feed-forward ``up(act(down(h)))`` on a sub-layer's output, added back to
+it (``h + scaling * up(act(down(h)))``) before the block's residual add. The up
+projection starts at zero, so an adapted model starts exactly equal to its base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.method import Method, Params, register
+from jpeft.nodes import Node, node
+from models import hooks
+from models.config import LlamaConfig
+from models.context import Context
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
+POSITIONS = ("attn", "mlp")
+# node field -> (tensor name in the adapter file, stored transposed as torch's [out, in])
+_FILE_NAMES = {
+    "down": ("down.weight", True),
+    "down_bias": ("down.bias", False),
+    "up": ("up.weight", True),
+    "up_bias": ("up.bias", False),
+}
+
+
+@node(
+    trainable=("down", "down_bias", "up", "up_bias"), static=("activation", "scaling", "residual")
+)
+class BottleneckAdapter(Node):
+    """Per-layer adapter weights with a leading layer axis ``L``.
+
+    ``active [L]`` (frozen, 0 or 1) switches the adapter off in layers it does not
+    apply to; their slots receive zero gradient and never change.
+    """
+
+    down: jax.Array  # [L, hidden, bottleneck]
+    down_bias: jax.Array  # [L, bottleneck]
+    up: jax.Array  # [L, bottleneck, hidden]
+    up_bias: jax.Array  # [L, hidden]
+    active: jax.Array  # [L]
+    activation: str
+    scaling: float
+    residual: bool
+
+
+@hooks.adapter.register(BottleneckAdapter)
+def _apply(node: BottleneckAdapter, h: jax.Array, ctx: Context, name: str) -> jax.Array:
+    dtype = ctx.dtype
+    z = h.astype(dtype) @ node.down.astype(dtype) + node.down_bias.astype(dtype)
+    z = ACTIVATIONS[node.activation](z)
+    delta = (z @ node.up.astype(dtype) + node.up_bias.astype(dtype)) * node.scaling
+    delta = delta * node.active.astype(dtype)
+    return h + delta if node.residual else delta + h * (1 - node.active.astype(dtype))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Adapter(Method):
+    """Bottleneck adapter tuning: every original parameter frozen.
+
+    Args:
+        bottleneck: adapter width; or give ``reduction_factor`` (width = hidden // factor).
+        activation: one of ``relu``, ``gelu``, ``silu``, ``tanh``.
+        placement: ``"houlsby"`` (after attention and after the MLP), ``"pfeiffer"``
+            (after the MLP only), or a tuple of positions from ``("attn", "mlp")``.
+        residual: add the adapter output to its input (needed for the exact-base start).
+        scaling: multiplies the adapter output.
+        layers: layer indices to adapt (default: all).
+
+    Example:
+        >>> method = Adapter(bottleneck=16, placement="pfeiffer")
+        >>> params = method.init(jax.random.key(0), params, cfg)   # doctest: +SKIP
+    """
+
+    peft_type: ClassVar[str] = "JPEFT_BOTTLENECK_ADAPTER"
+
+    bottleneck: int | None = None
+    reduction_factor: int | None = None
+    activation: str = "relu"
+    placement: str | tuple[str, ...] = "houlsby"
+    residual: bool = True
+    scaling: float = 1.0
+    layers: tuple[int, ...] | None = None
+    init_std: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if (self.bottleneck is None) == (self.reduction_factor is None):
+            raise ValueError("Adapter: give exactly one of bottleneck and reduction_factor")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"Adapter: activation {self.activation!r}; valid: {list(ACTIVATIONS)}")
+        bad = [p for p in self.positions if p not in POSITIONS]
+        if bad:
+            raise ValueError(f"Adapter: placement positions {bad}; valid: {list(POSITIONS)}")
+
+    @property
+    def positions(self) -> tuple[str, ...]:
+        """The sub-layers adapted: a subset of ``("attn", "mlp")``."""
+        if isinstance(self.placement, str):
+            if self.placement not in PLACEMENTS:
+                raise ValueError(
+                    f"Adapter: placement {self.placement!r}; valid: {list(PLACEMENTS)} "
+                    f"or a tuple of {POSITIONS}"
+                )
+            return PLACEMENTS[self.placement]
+        return tuple(self.placement)
+
+    def width(self, cfg: LlamaConfig) -> int:
+        """The bottleneck width for ``cfg``."""
+        width = self.bottleneck or cfg.hidden_size // self.reduction_factor
+        if width <= 0:
+            raise ValueError(f"Adapter: bottleneck width {width} must be positive")
+        return width
+
+    def _active(self, cfg: LlamaConfig) -> np.ndarray:
+        n = cfg.num_hidden_layers
+        layers = range(n) if self.layers is None else self.layers
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"Adapter: layers {bad} out of range for {n} layers")
+        active = np.zeros(n, np.float32)
+        active[list(layers)] = 1.0
+        return active
+
+    def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
+        n, hidden, width = cfg.num_hidden_layers, cfg.hidden_size, self.width(cfg)
+        active = jnp.asarray(self._active(cfg))
+        layers = dict(params["layers"])
+        for position, k in zip(self.positions, jax.random.split(key, 2), strict=False):
+            name = f"adapter_{position}"
+            if name in layers:
+                raise ValueError(f"Adapter: params already hold layers/{name}")
+            layers[name] = BottleneckAdapter(
+                down=self.init_std * jax.random.normal(k, (n, hidden, width), jnp.float32),
+                down_bias=jnp.zeros((n, width), jnp.float32),
+                up=jnp.zeros((n, width, hidden), jnp.float32),
+                up_bias=jnp.zeros((n, hidden), jnp.float32),
+                active=active[:, None, None, None],
+                activation=self.activation,
+                scaling=self.scaling,
+                residual=self.residual,
+            )
+        return {**params, "layers": layers}
+
+    # -- jpeft's own adapter format (peft has no bottleneck adapters) -------------
+
+    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+        return {
+            "peft_type": self.peft_type,
+            "bottleneck": self.width(cfg),
+            "activation": self.activation,
+            "placement": list(self.positions),
+            "residual": self.residual,
+            "scaling": self.scaling,
+            "layers": None if self.layers is None else list(self.layers),
+            "num_layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+        }
+
+    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        out = {}
+        for position in self.positions:
+            node_ = params["layers"][f"adapter_{position}"]
+            for i in np.flatnonzero(self._active(cfg)):
+                prefix = f"model.layers.{i}.adapter_{position}"
+                for field, (suffix, transposed) in _FILE_NAMES.items():
+                    array = np.asarray(getattr(node_, field)[i])
+                    out[f"{prefix}.{suffix}"] = array.T if transposed else array
+        return out
+
+    @classmethod
+    def from_peft(
+        cls,
+        config: dict[str, Any],
+        tensors: dict[str, np.ndarray],
+        params: Params,
+        cfg: LlamaConfig,
+    ) -> tuple[Adapter, Params]:
+        if config.get("hidden_size") != cfg.hidden_size:
+            raise ValueError(
+                f"adapter hidden_size={config.get('hidden_size')}, model has {cfg.hidden_size}"
+            )
+        method = cls(
+            bottleneck=int(config["bottleneck"]),
+            activation=config["activation"],
+            placement=tuple(config["placement"]),
+            residual=bool(config["residual"]),
+            scaling=float(config["scaling"]),
+            layers=None if config.get("layers") is None else tuple(config["layers"]),
+        )
+        params = method.init(jax.random.key(0), params, cfg)
+        layers = dict(params["layers"])
+        for position in method.positions:
+            node_ = layers[f"adapter_{position}"]
+            fields = {f: np.array(getattr(node_, f)) for f in node_.trainable_fields}
+            for i in np.flatnonzero(method._active(cfg)):
+                prefix = f"model.layers.{i}.adapter_{position}"
+                for field, (suffix, transposed) in _FILE_NAMES.items():
+                    slot = fields[field][i].T if transposed else fields[field][i]
+                    found = _tensor(tensors, f"{prefix}.{suffix}", slot)
+                    fields[field][i] = found.T if transposed else found
+            arrays = {k: jnp.asarray(v) for k, v in fields.items()}
+            layers[f"adapter_{position}"] = dataclasses.replace(node_, **arrays)
+        return method, {**params, "layers": layers}
+
+
+def _tensor(tensors: dict[str, np.ndarray], key: str, like: np.ndarray) -> np.ndarray:
+    if key not in tensors:
+        raise ValueError(f"adapter file: missing tensor {key!r}")
+    found = tensors[key]
+    if found.shape != like.shape:
+        raise ValueError(f"adapter file: {key!r} has shape {found.shape}, expected {like.shape}")
+    return found

@@ -1,0 +1,143 @@
+"""LLaMA-Adapter (Zhang et al. 2023), peft's "adaption prompt".
+
+In each of the top ``adapter_layers`` layers a learnable prompt of
+``adapter_len`` tokens goes through that layer's own k/v projections (no RoPE).
+The layer's rotated queries attend to it with a separate softmax, scaled by a
+zero-initialized gate; the result goes through ``o_proj`` and is added to the
+attention output. A zero gate means training starts from the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.method import Method, Params, register
+from jpeft.nodes import Node, node
+from models import hooks
+from models.config import LlamaConfig
+from models.context import Context
+from models.linear import linear
+
+_PEFT_PREFIX = "base_model.model.model.layers.{}.self_attn"
+
+
+@node(trainable=("prompt", "gate"))
+class AdaptionPrompt(Node):
+    """Prompts ``[n_top, adapter_len, hidden]`` and gates ``[n_top, 1]`` of the top layers."""
+
+    prompt: jax.Array
+    gate: jax.Array
+
+
+@hooks.adaption_output.register(AdaptionPrompt)
+def _adaption_output(
+    node: AdaptionPrompt, q: jax.Array, attn: dict[str, Any], ctx: Context
+) -> jax.Array:
+    b, t, heads, d = q.shape
+    prompt = node.prompt.astype(ctx.dtype)  # [adapter_len, hidden] inside the scan
+    k = linear(attn["k_proj"], prompt, ctx, "k_proj").reshape(prompt.shape[0], -1, d)
+    v = linear(attn["v_proj"], prompt, ctx, "v_proj").reshape(prompt.shape[0], -1, d)
+    groups = heads // k.shape[1]
+    k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)  # [len, heads, d]
+    scores = jnp.einsum("bthd,lhd->bhtl", q, k.astype(q.dtype)) / np.sqrt(d)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    probs = node.gate.astype(q.dtype) * probs
+    out = jnp.einsum("bhtl,lhd->bthd", probs, v.astype(q.dtype)).reshape(b, t, heads * d)
+    return linear(attn["o_proj"], out, ctx, "o_proj")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LlamaAdapter(Method):
+    """LLaMA-Adapter: gated adaption prompts in the top ``adapter_layers`` layers.
+
+    Example:
+        >>> method = LlamaAdapter(adapter_len=10, adapter_layers=2)
+        >>> params = method.init(jax.random.key(0), params, cfg)   # doctest: +SKIP
+    """
+
+    peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+
+    adapter_len: int = 10
+    adapter_layers: int = 1
+
+    def _check(self, cfg: LlamaConfig) -> None:
+        if self.adapter_len <= 0:
+            raise ValueError(f"LlamaAdapter: adapter_len={self.adapter_len} must be positive")
+        if not 0 < self.adapter_layers <= cfg.num_hidden_layers:
+            raise ValueError(
+                f"LlamaAdapter: adapter_layers={self.adapter_layers} must be in "
+                f"1..{cfg.num_hidden_layers}"
+            )
+
+    def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
+        self._check(cfg)
+        if "adaption" in params:
+            raise ValueError("LlamaAdapter: params already hold adaption prompts")
+        shape = (self.adapter_layers, self.adapter_len, cfg.hidden_size)
+        prompt = jax.random.normal(key, shape, jnp.float32)  # peft: normal(0, 1)
+        gate = jnp.zeros((self.adapter_layers, 1), jnp.float32)
+        return {**params, "adaption": AdaptionPrompt(prompt=prompt, gate=gate)}
+
+    def _top_layers(self, cfg: LlamaConfig) -> range:
+        return range(cfg.num_hidden_layers - self.adapter_layers, cfg.num_hidden_layers)
+
+    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+        return {
+            "peft_type": self.peft_type,
+            "adapter_len": self.adapter_len,
+            "adapter_layers": self.adapter_layers,
+            "target_modules": "self_attn",
+        }
+
+    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        node_ = params["adaption"]
+        out = {}
+        for j, layer in enumerate(self._top_layers(cfg)):
+            prefix = _PEFT_PREFIX.format(layer)
+            out[f"{prefix}.adaption_prompt"] = np.asarray(node_.prompt[j])[None]
+            out[f"{prefix}.adaption_gate"] = np.asarray(node_.gate[j])
+        return out
+
+    @classmethod
+    def from_peft(
+        cls,
+        config: dict[str, Any],
+        tensors: dict[str, np.ndarray],
+        params: Params,
+        cfg: LlamaConfig,
+    ) -> tuple[LlamaAdapter, Params]:
+        if config.get("target_modules", "self_attn") != "self_attn":
+            raise ValueError(f"adaption prompt target_modules={config['target_modules']!r}")
+        method = cls(
+            adapter_len=int(config["adapter_len"]), adapter_layers=config["adapter_layers"]
+        )
+        method._check(cfg)
+        prompts, gates = [], []
+        for layer in method._top_layers(cfg):
+            prefix = _PEFT_PREFIX.format(layer)
+            prompt = _tensor(
+                tensors, f"{prefix}.adaption_prompt", (1, method.adapter_len, cfg.hidden_size)
+            )
+            prompts.append(prompt[0])
+            gates.append(_tensor(tensors, f"{prefix}.adaption_gate", (1,)))
+        node_ = AdaptionPrompt(
+            prompt=jnp.asarray(np.stack(prompts), jnp.float32),
+            gate=jnp.asarray(np.stack(gates), jnp.float32),
+        )
+        return method, {**params, "adaption": node_}
+
+
+def _tensor(tensors: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if key not in tensors:
+        raise ValueError(f"adapter_model.safetensors: missing tensor {key!r}")
+    if tensors[key].shape != shape:
+        raise ValueError(
+            f"adapter_model.safetensors: {key!r} has shape {tensors[key].shape}, expected {shape}"
+        )
+    return tensors[key]
