@@ -76,7 +76,9 @@ def test_zero_gate_starts_at_base_and_training_moves_only_adapter(params, cfg, b
         rtol=0,
         atol=1e-6,
     )
-    trained, losses = sgd_train(adapted, cfg, jnp.asarray(ids), steps=15, lr=0.5)
+    # The random base's attention outputs are tiny (init std 0.02), so the gated
+    # branch needs a large SGD step to move the loss within a few steps.
+    trained, losses = sgd_train(adapted, cfg, jnp.asarray(ids), steps=15, lr=50.0)
     assert losses[-1] < losses[0] - 0.05
     assert np.abs(np.asarray(trained["adaption"].gate)).max() > 0
     jax.tree.map(np.testing.assert_array_equal, jpeft.split(trained)[1], jpeft.split(adapted)[1])
