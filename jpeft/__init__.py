@@ -1,13 +1,21 @@
 """jpeft: parameter-efficient fine-tuning of LLaMA-family models in JAX."""
 
 from jpeft.hf_adapter import load_hf_adapter, save_hf_adapter
+from jpeft.lora import LoRA, unmerge
 from jpeft.method import Method
 from jpeft.nodes import Node, Trained, is_node, node
 from jpeft.partition import combine, merge, nbytes, split
+from jpeft.prompts import MultitaskPromptTuning, PrefixTuning, PromptTuning, PTuning, PTuningV2
 
 __all__ = [
+    "LoRA",
     "Method",
+    "MultitaskPromptTuning",
     "Node",
+    "PTuning",
+    "PTuningV2",
+    "PrefixTuning",
+    "PromptTuning",
     "Trained",
     "combine",
     "is_node",
@@ -17,4 +25,5 @@ __all__ = [
     "node",
     "save_hf_adapter",
     "split",
+    "unmerge",
 ]

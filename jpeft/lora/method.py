@@ -1,0 +1,194 @@
+"""``jpeft.LoRA``: the LoRA / rsLoRA / DoRA method (HF peft's ``LoraConfig``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file
+
+from jpeft.hf_adapter import CONFIG_NAME, WEIGHTS_NAME
+from jpeft.lora import peft_io
+from jpeft.lora.multi import BASE, adapter_names, add_adapter, set_adapter
+from jpeft.lora.node import LoRAAdapter, LoRAWeight
+from jpeft.lora.targets import ALL_LINEAR, ModulePlan, resolve
+from jpeft.method import Method, Params, register
+from models.config import LlamaConfig
+from models.hf_names import group_of
+from models.linear import dense
+
+INITS = ("default", "gaussian")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+    """Low-rank adapters on the projections: ``y = x W + (alpha / r) * dropout(x) A B``.
+
+    Args:
+        r: rank. alpha: ``lora_alpha``; scaling is ``alpha / r`` (``alpha / sqrt(r)``
+            with ``use_rslora``).
+        dropout: rate on the adapter's input branch (training only).
+        targets: HF module names (``"q_proj"``...; suffixes or full names as in peft),
+            ``"all-linear"``, or a regex matched against full module names.
+        layers_to_transform: layer indices to adapt (default all).
+        rank_pattern / alpha_pattern: per-module overrides keyed by module name or a
+            regex on the end of the full name (``"v_proj"``, ``r"layers\\.0\\..*"``).
+        init_weights: ``"default"`` (A kaiming-uniform, i.e. U(-1/sqrt(in), 1/sqrt(in)); B 0) or
+            ``"gaussian"`` (A normal with std 1/r; B 0). Either way the model starts
+            equal to its base.
+        use_dora: weight-decomposed LoRA (a trainable magnitude per output).
+        adapter_name: the adapter's name; ``init`` on params that already hold
+            adapters adds this one and makes it the active one.
+
+    Example:
+        >>> method = LoRA(r=16, alpha=32, dropout=0.05, targets=("q_proj", "v_proj"))
+        >>> params = method.init(jax.random.key(0), params, cfg)         # doctest: +SKIP
+        >>> trainable, frozen = jpeft.split(params)                      # doctest: +SKIP
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = ("q_proj", "v_proj")
+    layers_to_transform: tuple[int, ...] | None = None
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    use_rslora: bool = False
+    init_weights: str = "default"
+    use_dora: bool = False
+    adapter_name: str = "default"
+
+    def __post_init__(self) -> None:
+        targets = self.targets
+        if isinstance(targets, str):
+            targets = ALL_LINEAR if targets.lower() == ALL_LINEAR else targets
+        else:
+            targets = tuple(targets)
+            if not targets or not all(isinstance(t, str) for t in targets):
+                raise ValueError(f"LoRA: targets must be module names, got {self.targets!r}")
+        if isinstance(targets, str) and targets != ALL_LINEAR and self.layers_to_transform:
+            raise ValueError("LoRA: layers_to_transform needs targets given as names, not a regex")
+        layers = self.layers_to_transform
+        layers = (layers,) if isinstance(layers, int) else layers
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "layers_to_transform", None if layers is None else tuple(layers))
+        if not (isinstance(self.r, int) and self.r > 0):
+            raise ValueError(f"LoRA: r must be a positive int, got {self.r!r}")
+        bad_ranks = {k: v for k, v in self.rank_pattern.items() if not (int(v) == v and v > 0)}
+        if bad_ranks:
+            raise ValueError(f"LoRA: rank_pattern ranks must be positive ints, got {bad_ranks}")
+        alphas = [self.alpha, *self.alpha_pattern.values()]
+        if not all(math.isfinite(a) and a != 0 for a in alphas):
+            raise ValueError(f"LoRA: alpha values must be finite and nonzero, got {alphas}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA: dropout must be in [0, 1), got {self.dropout}")
+        if self.init_weights not in INITS:
+            raise ValueError(f"LoRA: init_weights {self.init_weights!r}; valid: {list(INITS)}")
+        if not self.adapter_name or self.adapter_name == BASE:
+            raise ValueError(f"LoRA: adapter_name {self.adapter_name!r} is reserved or empty")
+
+    def plans(self, cfg: LlamaConfig) -> dict[str, ModulePlan]:
+        """Per targeted projection: the rank and alpha of each layer (see :mod:`.targets`)."""
+        return resolve(
+            self.targets,
+            self.layers_to_transform,
+            self.r,
+            self.alpha,
+            self.rank_pattern,
+            self.alpha_pattern,
+            cfg.num_hidden_layers,
+        )
+
+    def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
+        """Wrap each targeted kernel in a :class:`LoRAWeight` (or add to one already there)."""
+        names = adapter_names(params)
+        if self.adapter_name in names:
+            raise ValueError(f"LoRA: params already hold an adapter named {self.adapter_name!r}")
+        layers = {group: dict(entries) for group, entries in params["layers"].items()}
+        for n, (module, plan) in enumerate(self.plans(cfg).items()):
+            entry = layers[group_of(module)][module]
+            kernel = entry["kernel"]
+            base = kernel.base if isinstance(kernel, LoRAWeight) else kernel
+            adapter = self._new_adapter(jax.random.fold_in(key, n), plan, base, len(names), cfg)
+            layers[group_of(module)][module] = {**entry, "kernel": add_adapter(kernel, adapter)}
+        return set_adapter({**params, "layers": layers}, self.adapter_name)
+
+    def _new_adapter(
+        self, key: jax.Array, plan: ModulePlan, base: Any, index: int, cfg: LlamaConfig
+    ) -> LoRAAdapter:
+        shape = jax.eval_shape(dense, base).shape
+        if len(shape) != 3 or shape[0] != cfg.num_hidden_layers:
+            raise ValueError(f"LoRA: {plan.module} kernel has shape {shape}, expected [L, in, out]")
+        n_layers, fan_in, fan_out = shape
+        ranks = np.asarray(plan.ranks)
+        width = (n_layers, fan_in, plan.max_rank)
+        if self.init_weights == "default":
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(key, width, jnp.float32, -bound, bound)
+        else:
+            std = 1.0 / np.maximum(ranks, 1)
+            a = jax.random.normal(key, width, jnp.float32) * std[:, None, None]
+        columns = np.arange(plan.max_rank)[None, :] < ranks[:, None]
+        magnitude = None
+        if self.use_dora:  # ||W + s B A|| with B = 0; 0 in untouched layers (never read)
+            norm = jnp.linalg.norm(dense(base).astype(jnp.float32), axis=-2)
+            magnitude = norm * (ranks > 0)[:, None]
+        return LoRAAdapter(
+            a=a * columns[:, None, :],
+            b=jnp.zeros((n_layers, plan.max_rank, fan_out), jnp.float32),
+            scaling=jnp.asarray(plan.scaling(self.use_rslora)),
+            magnitude=magnitude,
+            name=self.adapter_name,
+            index=index,
+            dropout=self.dropout,
+        )
+
+    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+        return peft_io.peft_config(self)
+
+    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        return peft_io.tensors(self, params, self.plans(cfg))
+
+    @classmethod
+    def from_peft(
+        cls,
+        config: dict[str, Any],
+        tensors: dict[str, np.ndarray],
+        params: Params,
+        cfg: LlamaConfig,
+        adapter_name: str = "default",
+    ) -> tuple[LoRA, Params]:
+        method = cls(**peft_io.options(config), adapter_name=adapter_name)
+        params = method.init(jax.random.key(0), params, cfg)
+        return method, peft_io.fill(method, params, tensors, method.plans(cfg))
+
+
+def load_adapter(
+    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig, adapter_name: str
+) -> tuple[LoRA, Params]:
+    """Load a peft LoRA adapter directory as adapter ``adapter_name`` (added and made active).
+
+    ``jpeft.load_hf_adapter`` always names the adapter ``"default"``; use this to hold
+    several adapters in one params tree.
+
+    Example:
+        >>> _, params = load_adapter("adapters/a", params, cfg, "a")      # doctest: +SKIP
+        >>> _, params = load_adapter("adapters/b", params, cfg, "b")      # doctest: +SKIP
+    """
+    adapter_dir = os.fspath(adapter_dir)
+    with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config.get("peft_type") != LoRA.peft_type:
+        raise ValueError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not 'LORA'")
+    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
+    return LoRA.from_peft(config, tensors, params, cfg, adapter_name=adapter_name)

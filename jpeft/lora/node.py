@@ -1,0 +1,248 @@
+"""The LoRA weight node: a base weight plus named low-rank adapters (LoRA and DoRA).
+
+A targeted kernel ``[L, in, out]`` becomes ``LoRAWeight(base, adapters)``. ``base``
+is whatever stood there before (a plain array, an NF4 node, ...) and is only ever
+used through :func:`matmul` / :func:`dense`. Each adapter holds arrays with the
+same leading axes as the base (``L`` for stacked layers; the layer scan slices
+them together):
+
+* ``a [L, in, r]``, ``b [L, r, out]``: trainable; ``y = x W + scaling * x a b``.
+* ``scaling [L]``: frozen; ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), and 0 in
+  layers the adapter does not touch (``layers_to_transform``): those layers' ``a``,
+  ``b`` (and magnitude) receive exactly zero gradient.
+* ``magnitude [L, out]`` (DoRA only, else None): trainable; the output becomes
+  ``m / ||W + scaling * a b||`` (column norm over ``in``, a constant for gradients
+  as in peft) times ``x (W + scaling * a b)``.
+
+Ranks that differ across layers are zero-padded to the largest: padded columns of
+``a`` and rows of ``b`` multiply each other's zeros, so their gradients are exactly
+zero and they stay zero under any optimizer whose update is zero for a zero
+gradient (SGD, Adam(W), LoRA+).
+
+Several adapters may sit on one weight. :class:`LoRAAdapter` ones are *active*:
+applied by default and trainable. :class:`InactiveLoRAAdapter` ones are frozen and
+only used by batch rows that select them through ``ctx.adapter_ids`` (each row picks
+one adapter index, -1 for the base alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.nodes import Node, is_node, node
+from models.context import Context
+from models.linear import dense, matmul
+
+
+@node(trainable=("a", "b", "magnitude"), static=("name", "index", "dropout"))
+class LoRAAdapter(Node):
+    """One named, active adapter on one projection (see the module docstring for shapes).
+
+    ``index`` is the adapter's position in the params-wide adapter list (what
+    ``ctx.adapter_ids`` refers to); ``dropout`` the rate on its input branch.
+
+    Example:
+        >>> ad = LoRAAdapter(jnp.ones((4, 2)), jnp.zeros((2, 3)), jnp.float32(2.0), None,
+        ...                  name="default", index=0, dropout=0.0)
+        >>> LoRAWeight(jnp.eye(4, 3), (ad,)).merged().shape
+        (4, 3)
+    """
+
+    a: jax.Array
+    b: jax.Array
+    scaling: jax.Array
+    magnitude: jax.Array | None
+    name: str
+    index: int
+    dropout: float
+
+
+@node(static=("name", "index", "dropout"))
+class InactiveLoRAAdapter(LoRAAdapter):
+    """A loaded adapter that is not active: frozen, and used only by rows that select it.
+
+    Example:
+        >>> ad = InactiveLoRAAdapter(jnp.ones((4, 2)), jnp.ones((2, 3)), jnp.float32(1.0),
+        ...                          None, name="b", index=1, dropout=0.0)
+        >>> bool((LoRAWeight(jnp.eye(4, 3), (ad,)).merged() == jnp.eye(4, 3)).all())
+        True
+    """
+
+
+def is_active(adapter: LoRAAdapter) -> bool:
+    """True for adapters applied by default (and trained)."""
+    return not isinstance(adapter, InactiveLoRAAdapter)
+
+
+@node()
+class LoRAWeight(Node):
+    """A weight node: ``base`` plus the low-rank ``adapters`` on it.
+
+    Example:
+        >>> ad = LoRAAdapter(jnp.ones((4, 2)), jnp.ones((2, 3)), jnp.float32(0.5), None,
+        ...                  name="default", index=0, dropout=0.0)
+        >>> w = LoRAWeight(jnp.zeros((4, 3)), (ad,))
+        >>> dense(w)[0].tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    base: Any
+    adapters: tuple[LoRAAdapter, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the adapters on this weight."""
+        return tuple(ad.name for ad in self.adapters)
+
+    def adapter(self, name: str) -> LoRAAdapter:
+        """The adapter called ``name`` (``ValueError`` listing the names if absent)."""
+        for ad in self.adapters:
+            if ad.name == name:
+                return ad
+        raise ValueError(f"LoRA: no adapter {name!r} on this weight; it holds {list(self.names)}")
+
+    def merged(self) -> jax.Array:
+        """The base with every active adapter folded in (inactive ones are dropped).
+
+        With adapters ``k`` (``L_k = scaling_k a_k b_k``; DoRA factor ``f_k``, 1 for
+        plain LoRA): ``W' = W (1 + sum_k (f_k - 1)) + sum_k f_k L_k``, which is
+        exactly what :func:`matmul` computes.
+        """
+        base = dense(self.base)
+        w = base.astype(jnp.float32)
+        growth, added = merge_terms(self.adapters, w)
+        return (w * growth + added).astype(base.dtype)
+
+    def logical_axes(self, base: tuple[str | None, ...] | None) -> LoRAWeight:
+        """``a`` takes the base's input axis, ``b`` its output axis; the base keeps its own.
+
+        Works on either part of :func:`jpeft.split` too (absent fields stay None).
+        """
+        lead, (axis_in, axis_out) = base[:-2], base[-2:]
+        axes = {
+            "a": (*lead, axis_in, None),
+            "b": (*lead, None, axis_out),
+            "scaling": lead,
+            "magnitude": (*lead, axis_out),
+        }
+
+        def adapter_axes(ad: LoRAAdapter | None) -> LoRAAdapter | None:
+            if ad is None:
+                return None
+            return dataclasses.replace(
+                ad, **{k: None if getattr(ad, k) is None else v for k, v in axes.items()}
+            )
+
+        inner = self.base.logical_axes(base) if is_node(self.base) else base
+        return LoRAWeight(base=inner, adapters=tuple(map(adapter_axes, self.adapters)))
+
+
+def low_rank(adapter: LoRAAdapter) -> jax.Array:
+    """``scaling * a @ b`` in fp32, broadcast over the leading axes: ``[..., in, out]``."""
+    ab = adapter.a.astype(jnp.float32) @ adapter.b.astype(jnp.float32)
+    return adapter.scaling.astype(jnp.float32)[..., None, None] * ab
+
+
+def dora_factor(adapter: LoRAAdapter, w: jax.Array, lowrank: jax.Array) -> jax.Array:
+    """DoRA's ``m / ||W + scaling a b||`` per output ``[..., out]``; 1 where untouched.
+
+    The norm runs over the input axis (peft: ``torch.linalg.norm(W_torch, dim=1)``) and
+    is a constant for gradients (peft detaches it, DoRA paper section 4.3).
+    """
+    norm = jax.lax.stop_gradient(jnp.linalg.norm(w + lowrank, axis=-2))
+    factor = adapter.magnitude.astype(jnp.float32) / norm
+    touched = (adapter.scaling != 0)[..., None]
+    return jnp.where(touched, factor, 1.0)
+
+
+def merge_terms(adapters: tuple[LoRAAdapter, ...], w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(1 + sum_k (f_k - 1), sum_k f_k L_k)`` over the active adapters, for fp32 base ``w``.
+
+    The merged weight is ``w * growth + added`` (``growth`` ``[..., 1, out]``).
+    """
+    growth = jnp.ones((*w.shape[:-2], 1, w.shape[-1]), jnp.float32)
+    added = jnp.zeros_like(w)
+    for ad in filter(is_active, adapters):
+        lowrank = low_rank(ad)
+        if ad.magnitude is None:
+            added = added + lowrank
+        else:
+            factor = dora_factor(ad, w, lowrank)[..., None, :]
+            growth = growth + factor - 1.0
+            added = added + factor * lowrank
+    return growth, added
+
+
+def _adapter_output(
+    w: LoRAWeight, ad: LoRAAdapter, x: jax.Array, base_out: jax.Array, ctx: Context, name: str
+) -> jax.Array:
+    """What adapter ``ad`` adds to the base output ``base_out = x W`` (no bias)."""
+    x = x.astype(ctx.dtype)
+    rng = ctx.module_rng(name)
+    dropping = ad.dropout > 0 and rng is not None
+    if dropping:
+        keep = jax.random.bernoulli(jax.random.fold_in(rng, ad.index), 1.0 - ad.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - ad.dropout), 0.0).astype(ctx.dtype)
+    lora = (x @ ad.a.astype(ctx.dtype)) @ ad.b.astype(ctx.dtype)
+    lora = lora * ad.scaling.astype(ctx.dtype)
+    if ad.magnitude is None:
+        return lora
+    weight = dense(w.base).astype(jnp.float32)
+    factor = dora_factor(ad, weight, low_rank(ad)).astype(ctx.dtype)
+    # peft: with dropout active the base term is recomputed on the dropped input.
+    base_term = matmul(w.base, x, ctx, name) if dropping else base_out
+    return (factor - 1) * base_term + factor * lora
+
+
+@matmul.register(LoRAWeight)
+def _matmul_lora(w: LoRAWeight, x: jax.Array, ctx: Context, name: str) -> jax.Array:
+    y = matmul(w.base, x, ctx, name)
+    ids = ctx.adapter_ids
+    out = y
+    for ad in w.adapters:
+        if ids is None:
+            if is_active(ad):
+                out = out + _adapter_output(w, ad, x, y, ctx, name)
+            continue
+        rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
+        out = out + jnp.where(rows, _adapter_output(w, ad, x, y, ctx, name), 0)
+    return out
+
+
+@dense.register(LoRAWeight)
+def _dense_lora(w: LoRAWeight) -> jax.Array:
+    return w.merged()
+
+
+def unmerge(merged: Any, lora_params: Any) -> Any:
+    """Undo :func:`jpeft.merge`: ``lora_params`` with each LoRA node's base taken from ``merged``.
+
+    Plain LoRA needs only the adapters (the nodes' ``base`` may be None): the
+    base is ``merged - sum_k scaling_k a_k b_k``. DoRA's factor depends on the base's
+    column norms, which merging loses (peft caches them); there the node's base
+    must still be present. Restored bases are plain arrays in ``merged``'s dtype.
+
+    Example:
+        >>> merged = jpeft.merge(params)                                 # doctest: +SKIP
+        >>> restored = jpeft.unmerge(merged, params)                      # doctest: +SKIP
+    """
+
+    def restore(node_: Any, m: Any) -> Any:
+        if not isinstance(node_, LoRAWeight):
+            return node_
+        m32 = jnp.asarray(m, jnp.float32)
+        dora = any(ad.magnitude is not None for ad in filter(is_active, node_.adapters))
+        if dora and node_.base is None:
+            raise ValueError(
+                "unmerge: a DoRA adapter cannot be unmerged without its base weight (merging "
+                "loses the base's column norms); pass params whose LoRA nodes hold their base"
+            )
+        w = dense(node_.base).astype(jnp.float32) if dora else m32
+        growth, added = merge_terms(node_.adapters, w)
+        return LoRAWeight(((m32 - added) / growth).astype(jnp.asarray(m).dtype), node_.adapters)
+
+    return jax.tree.map(restore, lora_params, merged, is_leaf=is_node)

@@ -1,0 +1,184 @@
+"""LoRA in HF peft's adapter files: config keys and tensor names, both ways.
+
+On disk (adapter name stripped, torch layout), for each transformed layer ``i``::
+
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight   [r_i, in]
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.weight   [out, r_i]
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_magnitude_vector  [out]
+
+(the last for DoRA). Untouched layers have no tensors; ``r_i`` is the layer's own
+rank (our arrays are zero-padded to the module's largest rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.lora.node import LoRAWeight
+from jpeft.lora.targets import ALL_LINEAR, ModulePlan, module_name
+from models.hf_names import PROJECTIONS, group_of
+
+if TYPE_CHECKING:
+    from jpeft.lora.method import LoRA
+
+Params = dict[str, Any]
+
+PREFIX = "base_model.model."
+# peft config keys whose non-default values change the model in ways jpeft's LoRA
+# does not implement; loading such an adapter is an error, not a silent mismatch.
+_UNSUPPORTED = (
+    "alora_invocation_tokens",
+    "arrow_config",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "layer_replication",
+    "lora_bias",
+    "modules_to_save",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_bdlora",
+    "use_qalora",
+)
+_INITS = {True: "default", False: "default", "gaussian": "gaussian"}
+
+
+def kernel_path(module: str) -> tuple[str, ...]:
+    """Where a projection's kernel lives in the params tree."""
+    return ("layers", group_of(module), module, "kernel")
+
+
+def lora_weight(params: Params, module: str) -> LoRAWeight:
+    """The :class:`LoRAWeight` at ``module``'s kernel (``ValueError`` if there is none)."""
+    kernel = params["layers"][group_of(module)][module]["kernel"]
+    if not isinstance(kernel, LoRAWeight):
+        raise ValueError(f"LoRA: layers/{group_of(module)}/{module}/kernel holds no LoRA node")
+    return kernel
+
+
+def peft_config(method: LoRA) -> dict[str, Any]:
+    """The ``adapter_config.json`` entries peft's ``LoraConfig`` reads."""
+    targets = method.targets
+    if targets == ALL_LINEAR:
+        targets = PROJECTIONS
+    return {
+        "peft_type": "LORA",
+        "r": method.r,
+        "lora_alpha": method.alpha,
+        "lora_dropout": method.dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "layers_to_transform": _listed(method.layers_to_transform),
+        "layers_pattern": None,
+        "rank_pattern": dict(method.rank_pattern),
+        "alpha_pattern": dict(method.alpha_pattern),
+        "use_rslora": method.use_rslora,
+        "use_dora": method.use_dora,
+        "init_lora_weights": True if method.init_weights == "default" else method.init_weights,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+    }
+
+
+def options(config: dict[str, Any]) -> dict[str, Any]:
+    """``jpeft.LoRA`` keyword arguments from a peft ``adapter_config.json`` dict."""
+    bad = {k: config[k] for k in _UNSUPPORTED if config.get(k) not in (None, False, [], {})}
+    if config.get("bias", "none") != "none":
+        bad["bias"] = config["bias"]
+    if config.get("layers_pattern") not in (None, "", "layers", ["layers"]):
+        bad["layers_pattern"] = config["layers_pattern"]
+    init = config.get("init_lora_weights", True)
+    if init not in _INITS:
+        bad["init_lora_weights"] = init
+    if bad:
+        raise ValueError(f"peft LoRA config: unsupported settings {bad}")
+    targets = config.get("target_modules")
+    if not targets:
+        raise ValueError("peft LoRA config: no target_modules")
+    layers = config.get("layers_to_transform")
+    return {
+        "r": int(config["r"]),
+        "alpha": config.get("lora_alpha", 8),
+        "dropout": float(config.get("lora_dropout", 0.0)),
+        "targets": targets if isinstance(targets, str) else tuple(sorted(targets)),
+        "layers_to_transform": (layers,) if isinstance(layers, int) else _tupled(layers),
+        "rank_pattern": dict(config.get("rank_pattern") or {}),
+        "alpha_pattern": dict(config.get("alpha_pattern") or {}),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "use_dora": bool(config.get("use_dora", False)),
+        "init_weights": _INITS[init],
+    }
+
+
+def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[str, np.ndarray]:
+    """Adapter ``method.adapter_name``'s tensors under peft's names, for the layers it touches."""
+    out = {}
+    for module, plan in plans.items():
+        ad = lora_weight(params, module).adapter(method.adapter_name)
+        a, b = np.asarray(ad.a), np.asarray(ad.b)
+        for i in plan.layers:
+            key, rank = PREFIX + module_name(i, module), plan.ranks[i]
+            out[f"{key}.lora_A.weight"] = a[i, :, :rank].T
+            out[f"{key}.lora_B.weight"] = b[i, :rank, :].T
+            if ad.magnitude is not None:
+                out[f"{key}.lora_magnitude_vector"] = np.asarray(ad.magnitude[i])
+    return out
+
+
+def fill(
+    method: LoRA, params: Params, found: dict[str, np.ndarray], plans: dict[str, ModulePlan]
+) -> Params:
+    """``params`` (already holding ``method``'s adapter) with its arrays read from ``found``."""
+    used: set[str] = set()
+    layers = {group: dict(entries) for group, entries in params["layers"].items()}
+    for module, plan in plans.items():
+        weight = lora_weight(params, module)
+        ad = weight.adapter(method.adapter_name)
+        a, b = np.array(ad.a), np.array(ad.b)
+        magnitude = None if ad.magnitude is None else np.array(ad.magnitude)
+        fan_in, fan_out = a.shape[-2], b.shape[-1]
+        for i in plan.layers:
+            key, r = PREFIX + module_name(i, module), plan.ranks[i]
+            a[i, :, :r] = _tensor(found, f"{key}.lora_A.weight", (r, fan_in), used).T
+            b[i, :r, :] = _tensor(found, f"{key}.lora_B.weight", (fan_out, r), used).T
+            if magnitude is not None:
+                magnitude[i] = _tensor(found, f"{key}.lora_magnitude_vector", (fan_out,), used)
+        new = dataclasses.replace(
+            ad,
+            a=jnp.asarray(a),
+            b=jnp.asarray(b),
+            magnitude=None if magnitude is None else jnp.asarray(magnitude),
+        )
+        adapters = tuple(new if x.name == ad.name else x for x in weight.adapters)
+        entry = layers[group_of(module)][module]
+        layers[group_of(module)][module] = {**entry, "kernel": LoRAWeight(weight.base, adapters)}
+    unused = sorted(set(found) - used)
+    if unused:
+        raise ValueError(
+            f"peft LoRA adapter: {len(unused)} tensors are not used by its config "
+            f"(target_modules / layers_to_transform / use_dora), e.g. {unused[:3]}"
+        )
+    return {**params, "layers": layers}
+
+
+def _tensor(
+    found: dict[str, np.ndarray], name: str, shape: tuple[int, ...], used: set[str]
+) -> np.ndarray:
+    if name not in found:
+        raise ValueError(f"peft LoRA adapter: missing tensor {name!r}")
+    value = np.asarray(found[name], np.float32)
+    if value.shape != shape:
+        raise ValueError(f"peft LoRA adapter: {name!r} has shape {value.shape}, expected {shape}")
+    used.add(name)
+    return value
+
+
+def _listed(layers: tuple[int, ...] | None) -> list[int] | None:
+    return None if layers is None else list(layers)
+
+
+def _tupled(layers: list[int] | None) -> tuple[int, ...] | None:
+    return None if layers is None else tuple(int(i) for i in layers)

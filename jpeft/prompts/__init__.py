@@ -1,0 +1,18 @@
+"""Prompt learning: prompt tuning, P-tuning v1/v2, prefix tuning, multitask prompts."""
+
+from jpeft.prompts.methods import MultitaskPromptTuning, PromptTuning, PTuning
+from jpeft.prompts.nodes import MultitaskPrompt, Prefix, ProjectedPrefix, PromptEncoder, SoftPrompt
+from jpeft.prompts.prefix import PrefixTuning, PTuningV2
+
+__all__ = [
+    "MultitaskPrompt",
+    "MultitaskPromptTuning",
+    "PTuning",
+    "PTuningV2",
+    "Prefix",
+    "PrefixTuning",
+    "ProjectedPrefix",
+    "PromptEncoder",
+    "PromptTuning",
+    "SoftPrompt",
+]

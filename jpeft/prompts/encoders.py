@@ -1,0 +1,218 @@
+"""Reparameterization networks of prompt learning, in plain JAX with peft's shapes.
+
+* P-tuning (v1) MLP: ``Linear(d, h) ReLU Linear(h, h) ReLU Linear(h, d)``.
+* P-tuning (v1) LSTM: a bidirectional ``LSTM(d, h, num_layers)`` (torch's gate order
+  i, f, g, o; dropout between layers while training), then
+  ``Linear(2h, 2h) ReLU Linear(2h, d)``.
+* Prefix projection: ``Linear(d, h) tanh Linear(h, L * 2 * d)``.
+
+Weights are plain pytrees; a linear is ``{"kernel": [in, out], "bias": [out]}`` and
+every initializer follows torch's defaults (uniform ``±1/sqrt(fan_in)`` for linears,
+``±1/sqrt(h)`` for LSTM weights), as peft's modules start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Tree = dict[str, Any]
+
+
+def init_linear(key: jax.Array, fan_in: int, fan_out: int) -> Tree:
+    """A torch-initialized ``nn.Linear(fan_in, fan_out)`` with a ``[in, out]`` kernel.
+
+    Example:
+        >>> init_linear(jax.random.key(0), 4, 3)["kernel"].shape
+        (4, 3)
+    """
+    bound = 1.0 / np.sqrt(fan_in)
+    kw, kb = jax.random.split(key)
+    return {
+        "kernel": jax.random.uniform(kw, (fan_in, fan_out), jnp.float32, -bound, bound),
+        "bias": jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound),
+    }
+
+
+def linear(p: Tree, x: jax.Array) -> jax.Array:
+    """``x @ kernel + bias``."""
+    return x @ p["kernel"].astype(x.dtype) + p["bias"].astype(x.dtype)
+
+
+def init_mlp(key: jax.Array, dim: int, hidden: int) -> Tree:
+    """P-tuning's MLP head ``d -> h -> h -> d``.
+
+    Example:
+        >>> sorted(init_mlp(jax.random.key(0), 8, 4))
+        ['hidden', 'input', 'output']
+    """
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "input": init_linear(k1, dim, hidden),
+        "hidden": init_linear(k2, hidden, hidden),
+        "output": init_linear(k3, hidden, dim),
+    }
+
+
+def mlp(p: Tree, x: jax.Array) -> jax.Array:
+    """P-tuning's MLP encoder on ``x [..., d]``.
+
+    Example:
+        >>> mlp(init_mlp(jax.random.key(0), 8, 4), jnp.ones((3, 8))).shape
+        (3, 8)
+    """
+    h = jax.nn.relu(linear(p["input"], x))
+    h = jax.nn.relu(linear(p["hidden"], h))
+    return linear(p["output"], h)
+
+
+def init_lstm(key: jax.Array, dim: int, hidden: int, num_layers: int) -> Tree:
+    """P-tuning's bidirectional LSTM plus its ``2h -> 2h -> d`` head.
+
+    Each direction of layer ``l`` holds ``w_ih [in, 4h]``, ``w_hh [h, 4h]``,
+    ``b_ih [4h]``, ``b_hh [4h]`` (torch's gate order i, f, g, o).
+
+    Example:
+        >>> p = init_lstm(jax.random.key(0), 8, 4, num_layers=2)
+        >>> len(p["lstm"]), p["lstm"][1]["forward"]["w_ih"].shape
+        (2, (8, 16))
+    """
+    if num_layers <= 0:
+        raise ValueError(f"LSTM encoder: num_layers={num_layers} must be positive")
+    bound = 1.0 / np.sqrt(hidden)
+    keys = iter(jax.random.split(key, 8 * num_layers + 2))
+
+    def uniform(shape: tuple[int, ...]) -> jax.Array:
+        return jax.random.uniform(next(keys), shape, jnp.float32, -bound, bound)
+
+    layers = []
+    for layer in range(num_layers):
+        fan_in = dim if layer == 0 else 2 * hidden
+        layers.append(
+            {
+                direction: {
+                    "w_ih": uniform((fan_in, 4 * hidden)),
+                    "w_hh": uniform((hidden, 4 * hidden)),
+                    "b_ih": uniform((4 * hidden,)),
+                    "b_hh": uniform((4 * hidden,)),
+                }
+                for direction in ("forward", "backward")
+            }
+        )
+    return {
+        "lstm": layers,
+        "head": init_linear(next(keys), 2 * hidden, 2 * hidden),
+        "output": init_linear(next(keys), 2 * hidden, dim),
+    }
+
+
+def _lstm_direction(p: Tree, x: jax.Array, reverse: bool) -> jax.Array:
+    """One LSTM direction over ``x [n, in]`` from zero state: outputs ``[n, h]``."""
+    hidden = p["w_hh"].shape[0]
+    gates_in = x @ p["w_ih"] + p["b_ih"] + p["b_hh"]
+
+    def step(carry, g_in):
+        h, c = carry
+        i, f, g, o = jnp.split(g_in + h @ p["w_hh"], 4)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    zeros = jnp.zeros((hidden,), x.dtype)
+    _, out = jax.lax.scan(step, (zeros, zeros), gates_in, reverse=reverse)
+    return out
+
+
+def lstm(p: Tree, x: jax.Array, dropout: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+    """P-tuning's LSTM encoder on the virtual-token embeddings ``x [n, d]``.
+
+    Dropout (rate ``dropout``) applies between LSTM layers when ``rng`` is given,
+    as in torch's ``nn.LSTM`` in training mode.
+
+    Example:
+        >>> p = init_lstm(jax.random.key(0), 8, 4, num_layers=2)
+        >>> lstm(p, jnp.ones((3, 8))).shape
+        (3, 8)
+    """
+    h = x
+    for index, layer in enumerate(p["lstm"]):
+        if index and rng is not None and dropout > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - dropout), 0.0)
+        forward = _lstm_direction(layer["forward"], h, reverse=False)
+        backward = _lstm_direction(layer["backward"], h, reverse=True)
+        h = jnp.concatenate([forward, backward], axis=-1)
+    return linear(p["output"], jax.nn.relu(linear(p["head"], h)))
+
+
+def init_projection(key: jax.Array, dim: int, hidden: int, out: int) -> Tree:
+    """Prefix tuning's reparameterization ``Linear(d, h) tanh Linear(h, out)``.
+
+    Example:
+        >>> init_projection(jax.random.key(0), 8, 4, 32)["output"]["kernel"].shape
+        (4, 32)
+    """
+    k1, k2 = jax.random.split(key)
+    return {"input": init_linear(k1, dim, hidden), "output": init_linear(k2, hidden, out)}
+
+
+def projection(p: Tree, x: jax.Array) -> jax.Array:
+    """Apply the prefix reparameterization to ``x [n, d]``."""
+    return linear(p["output"], jnp.tanh(linear(p["input"], x)))
+
+
+def _torch_linear(state: Mapping[str, Any], name: str) -> Tree:
+    return {
+        "kernel": jnp.asarray(np.asarray(state[f"{name}.weight"]).T),
+        "bias": jnp.asarray(np.asarray(state[f"{name}.bias"])),
+    }
+
+
+def from_torch(state: Mapping[str, Any], kind: str) -> Tree:
+    """Our encoder tree from the state dict of peft's ``PromptEncoder`` / ``PrefixEncoder``.
+
+    ``kind`` is ``"MLP"``, ``"LSTM"`` (P-tuning) or ``"PROJECTION"`` (prefix tuning);
+    ``state`` maps torch names (``mlp_head.0.weight``, ``lstm_head.weight_ih_l0_reverse``,
+    ``transform.2.bias``...) to arrays. ``embedding.weight`` is not part of the
+    encoder and is ignored.
+
+    Example:
+        >>> enc = from_torch(peft_prompt_encoder.state_dict(), "MLP")   # doctest: +SKIP
+    """
+    if kind == "MLP":
+        names = {"input": "mlp_head.0", "hidden": "mlp_head.2", "output": "mlp_head.4"}
+        return {ours: _torch_linear(state, theirs) for ours, theirs in names.items()}
+    if kind == "PROJECTION":
+        return {
+            "input": _torch_linear(state, "transform.0"),
+            "output": _torch_linear(state, "transform.2"),
+        }
+    if kind != "LSTM":
+        raise ValueError(f"encoder kind {kind!r}; expected 'MLP', 'LSTM' or 'PROJECTION'")
+    layers = []
+    num_layers = sum(
+        1 for k in state if k.startswith("lstm_head.weight_ih_l") and "reverse" not in k
+    )
+    for layer in range(num_layers):
+        directions = {}
+        for direction, suffix in (("forward", ""), ("backward", "_reverse")):
+
+            def get(name: str, suffix: str = suffix, layer: int = layer) -> np.ndarray:
+                return np.asarray(state[f"lstm_head.{name}_l{layer}{suffix}"])
+
+            directions[direction] = {
+                "w_ih": jnp.asarray(get("weight_ih").T),
+                "w_hh": jnp.asarray(get("weight_hh").T),
+                "b_ih": jnp.asarray(get("bias_ih")),
+                "b_hh": jnp.asarray(get("bias_hh")),
+            }
+        layers.append(directions)
+    return {
+        "lstm": layers,
+        "head": _torch_linear(state, "mlp_head.0"),
+        "output": _torch_linear(state, "mlp_head.2"),
+    }

@@ -1,0 +1,193 @@
+"""Prompt-learning nodes and the model hooks that read them.
+
+``params["prompt"]`` holds a soft prompt prepended to the input embeddings
+(:func:`models.hooks.prompt_embeddings`); ``params["prefix"]`` holds per-layer
+key/value prefixes (:func:`models.hooks.prefix_key_values`). Each node's
+``table()`` is the tensor peft saves as ``prompt_embeddings`` (the encoder
+output, never the encoder). None of them can fold into the base weights:
+``merged()`` returns the node itself. Their arrays are small and replicated
+(the default :meth:`jpeft.nodes.Node.logical_axes`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.nodes import Node, node
+from jpeft.prompts import encoders
+from models import hooks
+from models.context import Context
+
+
+@node(trainable=("embedding",))
+class SoftPrompt(Node):
+    """A plain soft prompt ``embedding [n_virtual, hidden]`` (prompt tuning).
+
+    Example:
+        >>> p = SoftPrompt(jnp.zeros((4, 8)))
+        >>> hooks.prompt_embeddings(p, 2, Context()).shape
+        (2, 4, 8)
+    """
+
+    embedding: jax.Array
+
+    def table(self, rng: jax.Array | None = None) -> jax.Array:
+        """The ``[n_virtual, hidden]`` prompt."""
+        return self.embedding
+
+
+@node(trainable=("embedding", "encoder"), static=("kind", "dropout"))
+class PromptEncoder(Node):
+    """P-tuning: virtual-token ``embedding [n, hidden]`` through an MLP or LSTM ``encoder``.
+
+    Example:
+        >>> enc = encoders.init_mlp(jax.random.key(0), 8, 4)
+        >>> PromptEncoder(jnp.zeros((3, 8)), enc, "MLP", 0.0).table().shape
+        (3, 8)
+    """
+
+    embedding: jax.Array
+    encoder: dict[str, Any]
+    kind: str
+    dropout: float
+
+    def table(self, rng: jax.Array | None = None) -> jax.Array:
+        """The encoder output ``[n_virtual, hidden]`` (dropout only when ``rng`` is given)."""
+        if self.kind == "LSTM":
+            return encoders.lstm(self.encoder, self.embedding, self.dropout, rng)
+        return encoders.mlp(self.encoder, self.embedding)
+
+
+@node(trainable=("embedding", "task_cols", "task_rows"))
+class MultitaskPrompt(Node):
+    """peft's multitask prompt: row ``b`` gets ``embedding * (cols[t] @ rows[t])``, ``t = ids[b]``.
+
+    ``embedding [n, hidden]`` is shared, ``task_cols [tasks, n, rank]`` and
+    ``task_rows [tasks, rank, hidden]`` are per task. The forward reads the task of
+    each row from ``ctx.task_ids [B]`` (``Llama(...)(ids, task_ids=...)``). An id
+    outside ``[0, tasks)`` raises ``ValueError`` when the ids are concrete; under
+    ``jit`` they cannot be checked and the row's prompt (so its logits) is NaN.
+
+    Example:
+        >>> p = MultitaskPrompt(jnp.ones((3, 8)), jnp.ones((2, 3, 1)), jnp.ones((2, 1, 8)))
+        >>> p.prompts(jnp.array([1, 0, 1])).shape
+        (3, 3, 8)
+    """
+
+    embedding: jax.Array
+    task_cols: jax.Array
+    task_rows: jax.Array
+
+    @property
+    def num_tasks(self) -> int:
+        """How many task prompts the node holds."""
+        return self.task_cols.shape[0]
+
+    def prompts(self, task_ids: jax.Array) -> jax.Array:
+        """The ``[B, n, hidden]`` prompts of tasks ``task_ids [B]``."""
+        task_ids = jnp.asarray(task_ids)
+        if task_ids.ndim != 1:
+            raise ValueError(f"task_ids: expected shape [B], found {task_ids.shape}")
+        if not isinstance(task_ids, jax.core.Tracer):
+            bad = np.asarray(task_ids)
+            bad = bad[(bad < 0) | (bad >= self.num_tasks)]
+            if bad.size:
+                raise ValueError(
+                    f"task_ids {bad.tolist()} out of range: the prompt has {self.num_tasks} tasks"
+                )
+        # negative ids would wrap around; send them out of bounds so they give NaN too
+        ids = jnp.where(task_ids < 0, self.num_tasks, task_ids)
+        cols = jnp.take(self.task_cols, ids, axis=0, mode="fill", fill_value=jnp.nan)
+        rows = jnp.take(self.task_rows, ids, axis=0, mode="fill", fill_value=jnp.nan)
+        return self.embedding[None] * (cols @ rows)
+
+    def table(self, rng: jax.Array | None = None) -> jax.Array:
+        """The shared ``embedding`` (what peft saves as ``prompt_embeddings``)."""
+        return self.embedding
+
+
+@node(trainable=("embedding",), static=("kv_heads", "head_dim"))
+class Prefix(Node):
+    """Key/value prefixes ``embedding [n, layers * 2 * kv_heads * head_dim]`` (peft's layout).
+
+    Viewed as ``[n, layers, 2, kv_heads, head_dim]``: per layer the keys, then the
+    values. The keys are used as stored (no RoPE).
+
+    Example:
+        >>> k, v = hooks.prefix_key_values(Prefix(jnp.zeros((3, 2 * 2 * 4)), 1, 4), 5, Context())
+        >>> k.shape
+        (2, 5, 3, 1, 4)
+    """
+
+    embedding: jax.Array
+    kv_heads: int
+    head_dim: int
+
+    def table(self, rng: jax.Array | None = None) -> jax.Array:
+        """The flat ``[n_virtual, layers * 2 * kv_heads * head_dim]`` prefix."""
+        return self.embedding
+
+
+@node(trainable=("embedding", "encoder"), static=("kv_heads", "head_dim"))
+class ProjectedPrefix(Node):
+    """Prefix tuning with reparameterization: ``embedding [n, kv_heads * head_dim]`` then
+    ``Linear -> tanh -> Linear`` to the flat ``[n, layers * 2 * kv_heads * head_dim]``.
+
+    Example:
+        >>> enc = encoders.init_projection(jax.random.key(0), 4, 6, 2 * 2 * 4)
+        >>> ProjectedPrefix(jnp.zeros((3, 4)), enc, 1, 4).table().shape
+        (3, 16)
+    """
+
+    embedding: jax.Array
+    encoder: dict[str, Any]
+    kv_heads: int
+    head_dim: int
+
+    def table(self, rng: jax.Array | None = None) -> jax.Array:
+        """The projected flat prefix ``[n_virtual, layers * 2 * kv_heads * head_dim]``."""
+        return encoders.projection(self.encoder, self.embedding)
+
+
+PROMPT_NODES = (SoftPrompt, PromptEncoder, MultitaskPrompt)
+PREFIX_NODES = (Prefix, ProjectedPrefix)
+
+
+@hooks.prompt_embeddings.register(SoftPrompt)
+@hooks.prompt_embeddings.register(PromptEncoder)
+def _prompt(node_: SoftPrompt | PromptEncoder, batch_size: int, ctx: Context) -> jax.Array:
+    table = node_.table(ctx.module_rng("prompt_encoder"))
+    return jnp.broadcast_to(table[None], (batch_size, *table.shape))
+
+
+@hooks.prompt_embeddings.register(MultitaskPrompt)
+def _multitask_prompt(node_: MultitaskPrompt, batch_size: int, ctx: Context) -> jax.Array:
+    if ctx.task_ids is None:
+        raise ValueError("a multitask prompt needs task_ids [B]: pass task_ids= to the forward")
+    if jnp.shape(ctx.task_ids) != (batch_size,):
+        raise ValueError(
+            f"task_ids: expected shape ({batch_size},), found {jnp.shape(ctx.task_ids)}"
+        )
+    return node_.prompts(ctx.task_ids)
+
+
+@hooks.prefix_key_values.register(Prefix)
+@hooks.prefix_key_values.register(ProjectedPrefix)
+def _prefix(
+    node_: Prefix | ProjectedPrefix, batch_size: int, ctx: Context
+) -> tuple[jax.Array, jax.Array]:
+    table = node_.table()
+    n, width = table.shape
+    per_layer = 2 * node_.kv_heads * node_.head_dim
+    if width % per_layer:
+        raise ValueError(f"prefix width {width} is not a multiple of 2 * kv_heads * head_dim")
+    kv = table.reshape(n, width // per_layer, 2, node_.kv_heads, node_.head_dim)
+    kv = jnp.moveaxis(kv, 0, 2)  # [layers, 2, n, kv_heads, head_dim]
+    shape = (kv.shape[0], batch_size, *kv.shape[2:])
+    k = jnp.broadcast_to(kv[:, 0][:, None], shape)
+    v = jnp.broadcast_to(kv[:, 1][:, None], shape)
+    return k, v

@@ -1,0 +1,97 @@
+"""The parts of peft's prompt-learning adapter format all four methods share.
+
+peft saves one tensor, ``prompt_embeddings`` (the encoder *output*), plus
+``prefix_task_cols`` / ``prefix_task_rows`` for multitask prompts. Its
+``adapter_config.json`` describes the model the adapter was made for
+(``num_layers``, ``token_dim``, ``num_attention_heads``...); these helpers write
+those keys and check them against a model when loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from models.config import LlamaConfig
+
+TABLE = "prompt_embeddings"
+
+
+def model_keys(cfg: LlamaConfig, num_virtual_tokens: int, prefix: bool) -> dict[str, Any]:
+    """The model-shape keys of a prompt-learning ``adapter_config.json``.
+
+    For prefixes peft sizes everything by the *key/value* width (GQA):
+    ``token_dim = kv_heads * head_dim`` and ``num_attention_heads = kv_heads``; soft
+    prompts use the hidden size and the query heads.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8,
+        ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> model_keys(cfg, 5, prefix=True)["token_dim"]
+        8
+    """
+    if prefix:
+        token_dim, heads = prefix_token_dim(cfg), cfg.num_key_value_heads
+    else:
+        token_dim, heads = cfg.hidden_size, cfg.num_attention_heads
+    return {
+        "num_virtual_tokens": num_virtual_tokens,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": heads,
+        "num_layers": cfg.num_hidden_layers,
+        "modules_to_save": None,
+    }
+
+
+def prefix_token_dim(cfg: LlamaConfig) -> int:
+    """Width of one layer's keys (or values) for one token: ``kv_heads * head_dim``."""
+    return cfg.num_key_value_heads * cfg.head_dim
+
+
+def check_model(config: dict[str, Any], cfg: LlamaConfig, prefix: bool) -> int:
+    """Raise ``ValueError`` unless ``config`` was made for a model shaped like ``cfg``.
+
+    Returns ``num_virtual_tokens``.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8,
+        ...                   num_hidden_layers=2, num_attention_heads=4)
+        >>> check_model(model_keys(cfg, 5, prefix=False), cfg, prefix=False)
+        5
+    """
+    expected = model_keys(cfg, 0, prefix)
+    for key in ("token_dim", "num_layers"):
+        if config.get(key) is not None and config[key] != expected[key]:
+            raise ValueError(f"adapter config {key}={config[key]}, the model has {expected[key]}")
+    if config.get("num_transformer_submodules") not in (None, 1):
+        raise ValueError(
+            "adapter config num_transformer_submodules="
+            f"{config['num_transformer_submodules']}; a decoder-only LLaMA has 1"
+        )
+    n = config.get("num_virtual_tokens")
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"adapter config num_virtual_tokens={n!r}; expected a positive int")
+    return n
+
+
+def read(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Tensor ``name`` as float32, checked to have ``shape``.
+
+    Example:
+        >>> read({"prompt_embeddings": np.zeros((2, 3))}, "prompt_embeddings", (2, 3)).dtype
+        dtype('float32')
+    """
+    if name not in tensors:
+        raise ValueError(f"adapter file: missing tensor {name!r}; found {sorted(tensors)}")
+    found = tensors[name]
+    if tuple(found.shape) != tuple(shape):
+        raise ValueError(f"adapter file: {name!r} has shape {found.shape}, expected {shape}")
+    return np.asarray(found, np.float32)
+
+
+def check_virtual_tokens(owner: str, n: int) -> None:
+    """Raise ``ValueError`` unless ``n`` is a positive number of virtual tokens."""
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"{owner}: num_virtual_tokens={n!r} must be a positive int")

@@ -1,0 +1,288 @@
+"""Text generation with a KV cache: one prefill call, then incremental decode under ``jit``.
+
+The prompt batch may be left- or right-padded. Real tokens get RoPE positions
+from the count of valid tokens before them, and padded cache slots are masked
+out of attention, so a right-padded row simply continues after its last real
+token (its pad slots stay between the prompt and the new tokens, never
+attended). Soft prompts (``params["prompt"]``) are prepended by the prefill call
+and take cache slots; prefixes (``params["prefix"]``) take none.
+
+The whole loop is one compiled program per (batch, prompt length,
+``max_new_tokens``) shape and sampling mode (greedy, or sampling with a given
+``top_k`` and with/without top-p); temperature, top-p, stop and pad ids and the
+key are runtime values. It stops as soon as every row has produced a stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import hooks, llama, sampling
+from models.cache import KVCache
+from models.config import LlamaConfig
+from models.context import Context
+
+Params = dict[str, Any]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["tokens", "lengths"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """New tokens of each row.
+
+    Attributes:
+        tokens: int32 ``[B, max_new_tokens]``; after a row's stop token, pad ids.
+        lengths: int32 ``[B]``, tokens generated per row, counting the stop token.
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+
+
+def virtual_tokens(params: Params, batch_size: int, ctx: Context | None = None) -> int:
+    """Cache slots the soft prompt (``params["prompt"]``) occupies; 0 without one.
+
+    Example:
+        >>> virtual_tokens({"embed_tokens": {}}, batch_size=2)
+        0
+    """
+    if "prompt" not in params:
+        return 0
+    ctx = ctx or Context()
+    shape = jax.eval_shape(
+        lambda p: hooks.prompt_embeddings(p, batch_size, ctx), params["prompt"]
+    ).shape
+    return int(shape[1])
+
+
+def prefill(
+    params: Params,
+    cfg: LlamaConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    cache: KVCache,
+    ctx: Context | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Run the prompt through the model; logits ``[B, vocab]`` at each row's last real token.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> params = llama.init_params(jax.random.key(0), cfg)
+        >>> ids, mask = jnp.ones((2, 4), jnp.int32), jnp.array([[1, 1, 1, 0], [0, 1, 1, 1]])
+        >>> logits, cache = prefill(params, cfg, ids, mask, KVCache.create(cfg, 2, 8))
+        >>> logits.shape, int(cache.length)
+        ((2, 32), 4)
+    """
+    logits, cache = llama.forward(
+        params, cfg, input_ids, attention_mask=attention_mask, cache=cache, ctx=ctx
+    )
+    t = input_ids.shape[1]
+    last = t - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
+
+
+def decode_step(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens: jax.Array,
+    cache: KVCache,
+    ctx: Context | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row (``[B]``); logits ``[B, vocab]`` for the token after it.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> params = llama.init_params(jax.random.key(0), cfg)
+        >>> ids = jnp.ones((1, 3), jnp.int32)
+        >>> _, cache = prefill(params, cfg, ids, jnp.ones_like(ids), KVCache.create(cfg, 1, 4))
+        >>> logits, cache = decode_step(params, cfg, jnp.array([5]), cache)
+        >>> logits.shape, int(cache.length)
+        ((1, 32), 4)
+    """
+    ids = tokens[:, None]
+    logits, cache = llama.forward(
+        params, cfg, ids, attention_mask=jnp.ones_like(ids), cache=cache, ctx=ctx
+    )
+    return logits[:, 0], cache
+
+
+def generate(
+    params: Params,
+    cfg: LlamaConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    rng: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
+    task_ids: jax.Array | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> GenerationResult:
+    """Continue each prompt row by up to ``max_new_tokens`` tokens.
+
+    Args:
+        input_ids: int ``[B, T]`` prompts, left- or right-padded.
+        attention_mask: int ``[B, T]``, 0 marks padding (default: all valid).
+        max_new_tokens: tokens to generate per row (the loop stops early once
+            every row produced a stop token).
+        temperature: 0 for greedy decoding; otherwise sample from
+            ``softmax(logits / temperature)`` after the top-k and top-p filters.
+        top_p: nucleus mass in ``(0, 1]`` (1: no filter). Sampling only.
+        top_k: keep the ``top_k`` most likely tokens (0: all). Sampling only.
+        stop_tokens: ids that end a row (kept in its output); default ``cfg.eos_ids``.
+        pad_token_id: fills a row after its stop token; default ``cfg.pad_token_id``,
+            else the first stop token, else 0.
+        rng: ``jax.random`` key, required when ``temperature > 0``.
+        adapter_ids, task_ids: int ``[B]`` per-row adapter / task (multi-adapter and
+            multi-task methods), passed to every forward call through the Context.
+        dtype: compute and cache dtype.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> params = llama.init_params(jax.random.key(0), cfg)
+        >>> out = generate(params, cfg, jnp.ones((2, 3), jnp.int32), max_new_tokens=4)
+        >>> out.tokens.shape, out.lengths.shape
+        ((2, 4), (2,))
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids: expected shape [B, T], found {input_ids.shape}")
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+    _check_inputs(input_ids, attention_mask, adapter_ids, task_ids)
+    _check_settings(max_new_tokens, temperature, top_p, top_k, rng)
+    stops = cfg.eos_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = stops[0] if stops else 0
+    return _generate(
+        params,
+        jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(attention_mask, jnp.int32),
+        jnp.asarray(stops, jnp.int32).reshape(-1),
+        jnp.asarray(pad_token_id, jnp.int32),
+        jnp.asarray(max(temperature, 0.0), jnp.float32),
+        jnp.asarray(top_p, jnp.float32),
+        rng,
+        adapter_ids,
+        task_ids,
+        cfg=cfg,
+        max_new_tokens=int(max_new_tokens),
+        is_greedy=temperature == 0.0,
+        top_k=int(top_k),
+        use_top_p=top_p < 1.0,
+        dtype=jnp.dtype(dtype),
+    )
+
+
+def _check_inputs(input_ids, attention_mask, adapter_ids, task_ids) -> None:
+    b, t = input_ids.shape
+    if t == 0:
+        raise ValueError("input_ids: the prompt length is 0; expected at least one token")
+    if jnp.shape(attention_mask) != (b, t):
+        raise ValueError(
+            f"attention_mask: expected shape {(b, t)} like input_ids, found "
+            f"{jnp.shape(attention_mask)}"
+        )
+    for name, ids in (("adapter_ids", adapter_ids), ("task_ids", task_ids)):
+        if ids is not None and jnp.shape(ids) != (b,):
+            raise ValueError(f"{name}: expected shape {(b,)}, found {jnp.shape(ids)}")
+    if not isinstance(attention_mask, jax.core.Tracer):
+        empty = np.flatnonzero(np.asarray(attention_mask).sum(axis=1) == 0)
+        if empty.size:
+            raise ValueError(
+                f"attention_mask: rows {empty.tolist()} have no valid token; "
+                "expected at least one per row"
+            )
+
+
+def _check_settings(max_new_tokens, temperature, top_p, top_k, rng) -> None:
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}; expected >= 0 (0 = greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p}; expected a value in (0, 1]")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}; expected >= 0 (0 = no top-k filter)")
+    if temperature > 0 and rng is None:
+        raise ValueError("rng: temperature > 0 samples tokens and needs a jax.random key")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "max_new_tokens", "is_greedy", "top_k", "use_top_p", "dtype"),
+)
+def _generate(
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    stops: jax.Array,
+    pad: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    rng: jax.Array | None,
+    adapter_ids: jax.Array | None,
+    task_ids: jax.Array | None,
+    *,
+    cfg: LlamaConfig,
+    max_new_tokens: int,
+    is_greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    dtype: jnp.dtype,
+) -> GenerationResult:
+    b, t = input_ids.shape
+    ctx = Context(dtype, adapter_ids=adapter_ids, task_ids=task_ids)
+    slots = virtual_tokens(params, b, ctx) + t + max_new_tokens - 1
+    cache = KVCache.create(cfg, b, slots, dtype)
+
+    def choose(logits: jax.Array, step: jax.Array) -> jax.Array:
+        if is_greedy:
+            return sampling.greedy(logits)
+        key = jax.random.fold_in(rng, step)
+        return sampling.sample(
+            key, logits, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=use_top_p
+        )
+
+    def is_stop(tok: jax.Array) -> jax.Array:
+        return jnp.any(tok[:, None] == stops[None, :], axis=1)
+
+    logits, cache = prefill(params, cfg, input_ids, attention_mask, cache, ctx)
+    first = choose(logits, jnp.zeros((), jnp.int32))
+    tokens = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+    state = (jnp.ones((), jnp.int32), tokens, first, is_stop(first), jnp.ones((b,), jnp.int32))
+
+    def cond(carry):
+        (step, _, _, done, _), _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        (step, tokens, last, done, lengths), cache = carry
+        logits, cache = decode_step(params, cfg, last, cache, ctx)
+        nxt = jnp.where(done, pad, choose(logits, step))
+        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
+        lengths = lengths + (~done).astype(jnp.int32)
+        return (step + 1, tokens, nxt, done | is_stop(nxt), lengths), cache
+
+    (_, tokens, _, _, lengths), _ = jax.lax.while_loop(cond, body, (state, cache))
+    return GenerationResult(tokens=tokens, lengths=lengths)

@@ -1,0 +1,213 @@
+"""Write our params as a Hugging Face LLaMA directory transformers loads.
+
+Tensors are produced one at a time (one layer of one entry, PEFT nodes folded by
+:func:`models.linear.dense`), so saving needs no full host copy of the model.
+Every file is written to a temporary name in the target directory, then renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import operator
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.typing import DTypeLike
+
+from models.config import LlamaConfig
+from models.hf_names import tensor_slots
+from models.linear import dense
+from models.safetensors_io import write_file
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def save_pretrained(
+    path: str | os.PathLike,
+    cfg: LlamaConfig,
+    params: dict[str, Any],
+    dtype: DTypeLike | None = None,
+    max_shard_size: int | str = "5GB",
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (or shards plus their index).
+
+    Args:
+        path: target directory (created; stale weight files of an earlier save removed).
+        cfg: the model config, written as ``config.json``.
+        params: plain or PEFT params; nodes at tensor slots (LoRA, NF4, ...) are folded
+            with :func:`models.linear.dense` (what ``jpeft.merge`` gives). Entries with no
+            place in a plain LLaMA (prompts, prefixes, adapters) raise ``ValueError``.
+        dtype: dtype of the stored tensors; None keeps each tensor's own dtype.
+        max_shard_size: bytes per file (int, or ``"500MB"``, ``"5GB"``, ``"2GiB"``);
+            above it the weights are split into ``model-0000i-of-0000n.safetensors``
+            with ``model.safetensors.index.json``. A tensor is never split.
+        tokenizer_dir: a directory whose tokenizer files (``tokenizer.json`` ...) are
+            copied alongside.
+
+    Example:
+        >>> save_pretrained("out/merged", cfg, jpeft.merge(params))  # doctest: +SKIP
+        >>> transformers.LlamaForCausalLM.from_pretrained("out/merged")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    _check_placed(params, cfg)
+    specs, produce = _tensor_specs(params, cfg, dtype)
+    shards = _plan_shards(specs, _parse_size(max_shard_size))
+    os.makedirs(path, exist_ok=True)
+    weight_map, total = {}, 0
+    for name, shard in shards.items():
+        with _atomic(os.path.join(path, name)) as tmp:
+            total += write_file(tmp, shard, produce)
+        weight_map.update(dict.fromkeys((key for key, _, _ in shard), name))
+    written = set(shards)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_json(os.path.join(path, "model.safetensors.index.json"), index)
+        written.add("model.safetensors.index.json")
+    for stale in os.listdir(path):
+        if _SHARD.fullmatch(stale) and stale not in written:
+            os.remove(os.path.join(path, stale))
+    hf_config = cfg.to_hf()
+    hf_config["dtype"] = np.dtype(specs[0][2]).name
+    _write_json(os.path.join(path, "config.json"), hf_config)
+    if tokenizer_dir is not None:
+        _copy_tokenizer(os.fspath(tokenizer_dir), path)
+
+
+Spec = tuple[str, tuple[int, ...], np.dtype]
+
+
+def _tensor_specs(
+    params: dict[str, Any], cfg: LlamaConfig, dtype: DTypeLike | None
+) -> tuple[list[Spec], Callable[[str], np.ndarray]]:
+    """``(key, shape, dtype)`` of every HF tensor, and a function producing one of them."""
+    slots = {key: (path, layer, transposed) for key, path, layer, transposed in tensor_slots(cfg)}
+
+    def compute(key: str) -> jax.Array:
+        path, layer, transposed = slots[key]
+        node = functools.reduce(operator.getitem, path, params)
+        if layer is not None:
+            node = jax.tree.map(lambda a: a[layer], node)
+        array = dense(node)
+        array = array if dtype is None else array.astype(dtype)
+        return array.T if transposed else array
+
+    specs = []
+    for key in slots:
+        out = jax.eval_shape(lambda key=key: compute(key))
+        specs.append((key, out.shape, np.dtype(out.dtype)))
+    return specs, lambda key: np.asarray(jax.device_get(compute(key)))
+
+
+def _check_placed(params: dict[str, Any], cfg: LlamaConfig) -> None:
+    """Every params entry must be a tensor slot of ``cfg`` and every slot present."""
+    slots = {path for _, path, _, _ in tensor_slots(cfg)}
+    prefixes = {path[:i] for path in slots for i in range(len(path))}
+    extra: list[str] = []
+
+    def walk(node: Any, at: tuple) -> None:
+        if at in slots:
+            return
+        if at in prefixes and isinstance(node, dict):
+            for name, child in node.items():
+                walk(child, (*at, name))
+        else:
+            extra.append(f"{'/'.join(at)} ({type(node).__name__})")
+
+    walk(params, ())
+    if extra:
+        raise ValueError(
+            f"cannot write a plain LLaMA checkpoint: {extra} have no place in it for this "
+            "config (they add computation that cannot be folded into the base weights, or "
+            "the config lacks the bias/lm_head they fill)"
+        )
+    missing = ["/".join(path) for path in slots if not _has(params, path)]
+    if missing:
+        raise ValueError(f"params lack {missing}, which the config requires")
+
+
+def _plan_shards(specs: list[Spec], max_bytes: int) -> dict[str, list[Spec]]:
+    """Greedy split in slot order: ``{file name: specs}``."""
+    groups: list[list[Spec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = int(np.prod(spec[1])) * spec[2].itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        unit = match.group(2).upper() if match else None
+        if unit not in _UNITS:
+            raise ValueError(f"max_shard_size={size!r}; expected bytes or e.g. '500MB', '5GB'")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r} must be positive")
+    return value
+
+
+@contextlib.contextmanager
+def _atomic(final: str) -> Iterator[str]:
+    """Yield a temporary path next to ``final``; rename it to ``final`` on success."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(final: str, obj: dict) -> None:
+    with _atomic(final) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    if not names:
+        raise ValueError(f"tokenizer_dir={src!r} holds none of {list(TOKENIZER_FILES)}")
+    if os.path.samefile(src, dst):
+        return
+    for name in names:
+        with _atomic(os.path.join(dst, name)) as tmp:
+            shutil.copyfile(os.path.join(src, name), tmp)
+
+
+def _has(tree: Any, path: tuple) -> bool:
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
