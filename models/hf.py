@@ -1,9 +1,10 @@
 """Load Hugging Face LLaMA checkpoints (config.json + safetensors) into our params.
 
-Loading streams one tensor at a time: each HF tensor is read from disk (only its
-own bytes), transposed and cast on the device, and written in place into its
-preallocated stacked ``[L, ...]`` entry (a donated update). Host memory beyond
-the final params stays at a few copies of the largest single tensor.
+Loading streams: each HF tensor is read from disk in chunks of at most
+:data:`CHUNK_BYTES` (only its own bytes), each chunk is transposed and cast on the
+device and written in place into the preallocated (stacked ``[L, ...]``) entry by a
+donated update. Host memory beyond the final params stays at about one chunk, plus
+one layer's kernel when a quantizer is used (``bench/load_memory.py`` measures it).
 
 Quantization plugs in through :func:`register_quantizer`; ``jpeft.quant``
 registers ``"nf4"``. :func:`save_pretrained` lives in :mod:`models.hf_save`.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import operator
 import os
 from collections.abc import Callable
@@ -32,6 +34,7 @@ __all__ = ["QUANTIZERS", "Quantizer", "load_pretrained", "register_quantizer", "
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CHUNK_BYTES = 16 * 2**20  # host staging per read
 
 Quantizer = Callable[[jax.Array, str], Any]
 """``fn(kernel, module) -> node``: quantize ONE layer's linear kernel while loading.
@@ -89,8 +92,8 @@ def load_pretrained(
     files = _weight_files(os.fspath(path))
     readers = {name: SafetensorsFile(os.path.join(path, name)) for name in set(files.values())}
     try:
-        _check(cfg, shapes, files, readers)
-        return cfg, _assemble(cfg, files, readers, dtype, quantizer)
+        _check(os.fspath(path), cfg, shapes, files, readers)
+        return cfg, _assemble(cfg, shapes, files, readers, dtype, quantizer)
     finally:
         for reader in readers.values():
             reader.close()
@@ -123,6 +126,8 @@ def _weight_files(path: str) -> dict[str, str]:
             weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from e
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not a dict")
     for name in sorted(set(weight_map.values())):
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"{index} lists shard {name!r}, which is not in {path}")
@@ -136,13 +141,20 @@ def _ignored(key: str, cfg: LlamaConfig) -> bool:
     )
 
 
-def _check(cfg: LlamaConfig, shapes: Params, files: dict, readers: dict) -> None:
+def _check(
+    path: str,
+    cfg: LlamaConfig,
+    shapes: Params,
+    files: dict[str, str],
+    readers: dict[str, SafetensorsFile],
+) -> None:
     """Raise one ValueError listing every missing, unexpected or misshaped tensor."""
     problems = []
     expected = set()
-    for key, path, layer, transposed in tensor_slots(cfg):
+    for key, entry, layer, transposed in tensor_slots(cfg):
         expected.add(key)
-        want = _hf_shape(functools.reduce(operator.getitem, path, shapes).shape, layer, transposed)
+        stacked = functools.reduce(operator.getitem, entry, shapes).shape
+        want = _hf_shape(stacked, layer, transposed)
         if key not in files:
             problems.append(f"missing tensor {key!r} (expected shape {list(want)})")
             continue
@@ -159,11 +171,11 @@ def _check(cfg: LlamaConfig, shapes: Params, files: dict, readers: dict) -> None
             problems.append(f"{reader.path}: tensor {key!r} has dtype {reader.dtype(key)}")
     for key in sorted(set(files) - expected):
         if not _ignored(key, cfg):
-            problems.append(f"{files[key]}: unexpected tensor {key!r}")
+            problems.append(f"{readers[files[key]].path}: unexpected tensor {key!r}")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(f"checkpoint does not match its config.json:\n  {shown}{more}")
+        raise ValueError(f"{path}: checkpoint does not match its config.json:\n  {shown}{more}")
 
 
 def _hf_shape(stacked: tuple[int, ...], layer: int | None, transposed: bool) -> tuple[int, ...]:
@@ -172,25 +184,52 @@ def _hf_shape(stacked: tuple[int, ...], layer: int | None, transposed: bool) -> 
 
 
 def _assemble(
-    cfg: LlamaConfig, files: dict, readers: dict, dtype: DTypeLike, quantizer: Quantizer | None
+    cfg: LlamaConfig,
+    shapes: Params,
+    files: dict[str, str],
+    readers: dict[str, SafetensorsFile],
+    dtype: DTypeLike,
+    quantizer: Quantizer | None,
 ) -> Params:
-    params: Params = {}
+    """Copy every tensor into its preallocated entry on the device, chunk by chunk."""
+    entries: dict[tuple, jax.Array] = {}
     stacks: dict[tuple, _Stack] = {}
     for key, path, layer, transposed in tensor_slots(cfg):
-        x = _prepare(readers[files[key]].read(key), transposed, jnp.dtype(dtype))
-        if layer is None:
-            _put(params, path, x)
-            continue
-        if quantizer is not None and path[-1] == "kernel":
-            x = quantizer(x, path[-2])
-        stacks.setdefault(path, _Stack(key, cfg.num_hidden_layers)).put(layer, x)
-    for path, stack in stacks.items():
-        _put(params, path, stack.value())
+        reader = readers[files[key]]
+        shape = functools.reduce(operator.getitem, path, shapes).shape
+        if quantizer is not None and layer is not None and path[-1] == "kernel":
+            kernel = _read_into(jnp.zeros(shape[1:], dtype), (), reader, key, transposed)
+            stack = stacks.setdefault(path, _Stack(key, cfg.num_hidden_layers))
+            stack.put(layer, quantizer(kernel, path[-2]))
+        else:
+            entry = entries[path] if path in entries else jnp.zeros(shape, dtype)
+            index = () if layer is None else (layer,)
+            entries[path] = _read_into(entry, index, reader, key, transposed)
+    entries.update((path, stack.value()) for path, stack in stacks.items())
+    params: Params = {}
+    for path, value in entries.items():
+        _put(params, path, value)
     return params
 
 
+def _read_into(
+    buffer: jax.Array, index: tuple, reader: SafetensorsFile, key: str, transposed: bool
+) -> jax.Array:
+    """``buffer[index] = tensor key`` (transposed if asked), ``CHUNK_BYTES`` of rows at a time."""
+    shape = reader.shape(key)
+    row_bytes = math.prod(shape[1:]) * reader.dtype(key).itemsize
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+    for start in range(0, shape[0], step):
+        chunk = reader.read(key, start, min(shape[0], start + step))
+        offset = [0] * len(shape)
+        offset[-1 if transposed else 0] = start  # HF rows are our columns when transposed
+        buffer = _fill(buffer, chunk, (*index, *offset), transposed=transposed)
+        buffer.block_until_ready()  # host staging stays at one chunk
+    return buffer
+
+
 class _Stack:
-    """A stacked ``[L, ...]`` entry filled layer by layer with donated in-place updates."""
+    """A stacked ``[L, ...]`` node entry (a quantizer's output) filled layer by layer."""
 
     def __init__(self, key: str, n_layers: int) -> None:
         self.key, self.n_layers = key, n_layers
@@ -208,23 +247,19 @@ class _Stack:
                 f"{self.key}: the quantizer gave layer {layer} a different structure "
                 f"({treedef}, {specs}) than layer 0"
             )
-        self.buffers = [
-            _write(b, leaf, layer) for b, leaf in zip(self.buffers, leaves, strict=True)
-        ]
-        jax.block_until_ready(self.buffers)  # bound host staging to one tensor at a time
+        pairs = zip(self.buffers, leaves, strict=True)
+        self.buffers = [_fill(b, leaf, (layer,) + (0,) * leaf.ndim) for b, leaf in pairs]
 
     def value(self) -> Any:
         return jax.tree.unflatten(self.treedef, self.buffers)
 
 
-@jax.jit(static_argnames=("transposed", "dtype"))
-def _prepare(raw: jax.Array, transposed: bool, dtype: jnp.dtype) -> jax.Array:
-    return (raw.T if transposed else raw).astype(dtype)
-
-
-@jax.jit(donate_argnums=0)
-def _write(buffer: jax.Array, value: jax.Array, layer: int) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(buffer, value, layer, 0)
+@jax.jit(static_argnames="transposed", donate_argnums=0)
+def _fill(buffer: jax.Array, block: jax.Array, start: tuple, transposed: bool = False) -> jax.Array:
+    """``buffer`` with ``block`` (transposed, cast, leading 1-axes added) written at ``start``."""
+    block = (block.T if transposed else block).astype(buffer.dtype)
+    block = block.reshape((1,) * (buffer.ndim - block.ndim) + block.shape)
+    return jax.lax.dynamic_update_slice(buffer, block, start)
 
 
 def _put(tree: dict, path: tuple, value: Any) -> None:

@@ -69,6 +69,7 @@ def save_pretrained(
     """
     path = os.fspath(path)
     _check_placed(params, cfg)
+    tokenizer_files = [] if tokenizer_dir is None else _tokenizer_files(os.fspath(tokenizer_dir))
     specs, produce = _tensor_specs(params, cfg, dtype)
     shards = _plan_shards(specs, _parse_size(max_shard_size))
     os.makedirs(path, exist_ok=True)
@@ -88,8 +89,11 @@ def save_pretrained(
     hf_config = cfg.to_hf()
     hf_config["dtype"] = np.dtype(specs[0][2]).name
     _write_json(os.path.join(path, "config.json"), hf_config)
-    if tokenizer_dir is not None:
-        _copy_tokenizer(os.fspath(tokenizer_dir), path)
+    for src in tokenizer_files:
+        dst = os.path.join(path, os.path.basename(src))
+        if not (os.path.exists(dst) and os.path.samefile(src, dst)):
+            with _atomic(dst) as tmp:
+                shutil.copyfile(src, tmp)
 
 
 Spec = tuple[str, tuple[int, ...], np.dtype]
@@ -194,15 +198,11 @@ def _write_json(final: str, obj: dict) -> None:
         f.write("\n")
 
 
-def _copy_tokenizer(src: str, dst: str) -> None:
-    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-    if not names:
+def _tokenizer_files(src: str) -> list[str]:
+    paths = [os.path.join(src, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    if not paths:
         raise ValueError(f"tokenizer_dir={src!r} holds none of {list(TOKENIZER_FILES)}")
-    if os.path.samefile(src, dst):
-        return
-    for name in names:
-        with _atomic(os.path.join(dst, name)) as tmp:
-            shutil.copyfile(os.path.join(src, name), tmp)
+    return paths
 
 
 def _has(tree: Any, path: tuple) -> bool:

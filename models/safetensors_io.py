@@ -81,15 +81,24 @@ class SafetensorsFile:
         """numpy dtype of tensor ``key`` (``ml_dtypes.bfloat16`` for BF16)."""
         return DTYPES[self._entries[key]["dtype"]]
 
-    def read(self, key: str) -> np.ndarray:
-        """Read tensor ``key`` into a fresh numpy array (only its own bytes are read)."""
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Read rows ``[start, stop)`` (along axis 0) of tensor ``key`` into a fresh array.
+
+        Only those rows' bytes are read; the default is the whole tensor.
+        """
         entry = self._entries[key]
-        begin, end = entry["data_offsets"]
-        buf = np.empty(end - begin, np.uint8)
-        self._file.seek(self._data_start + begin)
+        shape = entry["shape"]
+        dtype = DTYPES[entry["dtype"]]
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else stop
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"{self.path}: rows [{start}, {stop}) of {key!r} {shape}")
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        buf = np.empty((stop - start) * row_bytes, np.uint8)
+        self._file.seek(self._data_start + entry["data_offsets"][0] + start * row_bytes)
         if self._file.readinto(memoryview(buf)) != buf.size:
             raise ValueError(f"{self.path}: file ended while reading tensor {key!r}")
-        return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return buf.view(dtype).reshape([stop - start, *shape[1:]] if shape else [])
 
 
 def _read_header(f: BinaryIO, path: str) -> tuple[dict[str, Any], dict[str, str], int]:

@@ -16,6 +16,7 @@ conventions; the built-in renderers give exactly what jinja2 gives for them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -92,17 +93,24 @@ def _render_llama3(messages: Sequence[Message], bos: str, add_generation_prompt:
     return "".join(out)
 
 
-def _render_jinja(template: str, messages: Sequence[Message], **context: Any) -> str:
-    import jinja2
+def _raise_exception(message: str) -> None:
+    raise ValueError(message)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_jinja(template: str) -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(template)
+
+
+def _render_jinja(template: str, messages: Sequence[Message], **context: Any) -> str:
+    import jinja2
+
     try:
-        return env.from_string(template).render(messages=list(messages), **context)
+        return _compile_jinja(template).render(messages=list(messages), **context)
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template failed to render: {e}") from e
 

@@ -69,7 +69,6 @@ def tokenizer_config() -> dict:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": 1024,
         "padding_side": "right",
         "chat_template": LLAMA2_CHAT_TEMPLATE,
     }

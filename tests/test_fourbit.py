@@ -27,7 +27,6 @@ torch = pytest.importorskip("torch")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
-
 @pytest.fixture(autouse=True)
 def _eager_bnb(monkeypatch):
     """bitsandbytes torch.compiles its fallback dequantize per shape (a minute each on CPU).
@@ -54,11 +53,12 @@ CASES = [
 
 
 def _data(shape: tuple[int, ...], dtype: str, seed: int) -> tuple[jax.Array, "torch.Tensor"]:
-    """Heavy-tailed values with some exact zeros and an all-zero stretch, as JAX and torch."""
+    """Heavy-tailed values with exact zeros (and an all-zero stretch), as JAX and torch."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape) * np.exp(rng.normal(0.0, 1.0, shape))
     x.reshape(-1)[::7] = 0.0
-    x.reshape(-1)[:40] = 0.0
+    if x.size >= 200:
+        x.reshape(-1)[:40] = 0.0
     jx = jnp.asarray(x.astype(np.float32)).astype(dtype)
     tx = torch.from_numpy(np.array(jx.astype(jnp.float32))).to(DTYPES[dtype])
     return jx, tx
@@ -160,9 +160,7 @@ def test_zero_blocks_and_fp4_zero_codes():
     data[66] = 1.0
     for quant_type, zero_code in [("nf4", 7), ("fp4", 0)]:
         packed, absmax = quantize_4bit(jnp.asarray(data), quant_type, 64)
-        ref, state = bnbf.quantize_4bit(
-            torch.from_numpy(data), blocksize=64, quant_type=quant_type
-        )
+        ref, state = bnbf.quantize_4bit(torch.from_numpy(data), blocksize=64, quant_type=quant_type)
         _same_bits(packed, ref.numpy())
         _same_bits(absmax, state.absmax.numpy())
         assert np.all(np.asarray(packed)[:32] == zero_code * 17)
@@ -248,20 +246,20 @@ def test_bad_blocksize_raises(blocksize):
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="quant_type must be one of"):
         quantize_4bit(jnp.ones(64), "int4", 64)
-    with pytest.raises(ValueError, match="x.dtype must be float32, bfloat16 or float16"):
+    with pytest.raises(ValueError, match=r"x\.dtype must be float32, bfloat16 or float16"):
         quantize_4bit(jnp.ones(64, jnp.int32), "nf4", 64)
     with pytest.raises(ValueError, match="empty"):
         quantize_4bit(jnp.ones((0, 4)), "nf4", 64)
     with pytest.raises(ValueError, match=r"kernel shape \(100, 8\) has in_features=100"):
         quantize_kernel(jnp.ones((100, 8)), "nf4", 64)
-    with pytest.raises(ValueError, match="blocksize 64"):
+    with pytest.raises(ValueError, match=r"\(2, 96, 8\) has in_features=96 and blocksize=64"):
         quantize_kernel(jnp.ones((2, 96, 8)), "nf4", 64)
     packed, absmax = quantize_4bit(jnp.ones(100), "nf4", 64)
-    with pytest.raises(ValueError, match="needs 50 packed bytes"):
+    with pytest.raises(ValueError, match="needs 51 packed bytes"):
         dequantize_4bit(packed, absmax, (101,), "nf4", 64)
     with pytest.raises(ValueError, match="needs absmax of shape"):
         dequantize_kernel(jnp.zeros((4, 32), jnp.uint8), jnp.ones((4, 2)), "nf4", 64)
-    with pytest.raises(ValueError, match="needs offset of shape"):
+    with pytest.raises(ValueError, match="need offset of shape"):
         double_dequantize(jnp.zeros(300, jnp.uint8), jnp.zeros(()), jnp.ones(1))
     with pytest.raises(ValueError, match="absmax must be float32"):
         double_quantize(jnp.ones(10, jnp.bfloat16))

@@ -34,9 +34,9 @@ LLAMA3 = {
 
 
 def _hf_checkpoint(path, dtype=torch.float32, **overrides) -> transformers.LlamaForCausalLM:
-    """A random fp32 transformers LLaMA (norms and biases randomized too), saved in ``dtype``.
+    """Save a random transformers LLaMA (norms and biases randomized too) in ``dtype``.
 
-    Returns the model holding exactly the saved values, upcast to fp32.
+    Returns the fp32 transformers model holding exactly the saved values.
     """
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**{**BASE, **overrides})
@@ -47,8 +47,11 @@ def _hf_checkpoint(path, dtype=torch.float32, **overrides) -> transformers.Llama
                 p.normal_(1.0, 0.1)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
-    model.to(dtype).save_pretrained(path)
-    return model.float()
+    if dtype == torch.float32:
+        model.save_pretrained(path)
+        return model
+    model.to(dtype).save_pretrained(path)  # (.to also rounds the RoPE buffer: reload)
+    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 _forward = jax.jit(llama.forward, static_argnums=1, static_argnames="remat")

@@ -1,4 +1,7 @@
-"""LoRA semantics (peft's checklist): no-op init, scaling, training, merge/unmerge, I/O."""
+"""LoRA semantics (peft's checklist): no-op init, scaling, training, merge/unmerge, I/O.
+
+Tests reuse a few adapter shapes so that jitted functions compile once per structure.
+"""
 
 import dataclasses
 import math
@@ -18,28 +21,33 @@ from models.context import Context
 from models.linear import matmul
 
 forward = jax.jit(llama.forward, static_argnums=1)
-# Tests share these shapes so the jitted forward compiles once per structure.
-LORA = LoRA(r=4, alpha=16, targets="all-linear", rank_pattern={"q_proj": 2})
+LORA = LoRA(r=4, alpha=16, targets="all-linear")
 DORA = dataclasses.replace(LORA, use_dora=True)
 
 
-def _is_lora(x):
+@jax.jit
+def project(w, x, rng=None):
+    """One projection through the dispatching matmul (training mode when ``rng`` is given)."""
+    return matmul(w, x, Context(rng=rng), "q_proj")
+
+
+def is_lora(x):
     return isinstance(x, LoRAWeight)
 
 
-def randomize(params, key, scale=0.3):
+def randomize(params, seed=0, scale=0.3):
     """Random B (and DoRA magnitudes scaled around their init) so adapters are not no-ops."""
-    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_lora)
+    rs = np.random.RandomState(seed)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_lora)
     for n, x in enumerate(leaves):
-        if not _is_lora(x):
+        if not is_lora(x):
             continue
         adapters = []
-        for i, ad in enumerate(x.adapters):
-            k1, k2 = jax.random.split(jax.random.fold_in(key, 100 * n + i))
-            new = {"b": scale * jax.random.normal(k1, ad.b.shape)}
+        for ad in x.adapters:
+            new = {"b": jnp.asarray(scale * rs.randn(*ad.b.shape), jnp.float32)}
             if ad.magnitude is not None:
-                noise = 1 + 0.2 * jax.random.normal(k2, ad.magnitude.shape)
-                new["magnitude"] = ad.magnitude * noise
+                noise = 1 + 0.2 * rs.randn(*ad.magnitude.shape)
+                new["magnitude"] = jnp.asarray(np.asarray(ad.magnitude) * noise, jnp.float32)
             adapters.append(dataclasses.replace(ad, **new))
         leaves[n] = LoRAWeight(x.base, tuple(adapters))
     return jax.tree.unflatten(treedef, leaves)
@@ -49,90 +57,78 @@ def q_node(params):
     return params["layers"]["self_attn"]["q_proj"]["kernel"]
 
 
-@pytest.mark.parametrize("init_weights", ["default", "gaussian"])
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_init_is_a_noop(params, cfg, batch, init_weights, use_dora):
+def layer_of(node, i):
+    """Layer ``i`` of a stacked node, as numpy arrays."""
+    return jax.tree.map(lambda a: np.asarray(a)[i], node)
+
+
+@pytest.mark.parametrize("method", [LORA, DORA], ids=["lora", "dora"])
+def test_init_is_a_noop(params, cfg, batch, method):
     ids, mask = batch
-    method = dataclasses.replace(DORA if use_dora else LORA, init_weights=init_weights)
     adapted = method.init(jax.random.key(1), params, cfg)
     base = forward(params, cfg, ids, attention_mask=mask)
     out = forward(adapted, cfg, ids, attention_mask=mask)
-    np.testing.assert_allclose(out, base, atol=1e-6 if use_dora else 0)
+    np.testing.assert_allclose(out, base, atol=1e-6 if method.use_dora else 0)
 
 
 def test_init_distributions(params, cfg):
     fan_in = cfg.hidden_size
-    ad = q_node(LoRA(r=8).init(jax.random.key(1), params, cfg)).adapters[0]
-    assert ad.a.shape == (cfg.num_hidden_layers, fan_in, 8) and not ad.b.any()
+    ad = q_node(LoRA(r=4).init(jax.random.key(1), params, cfg)).adapters[0]
+    assert ad.a.shape == (cfg.num_hidden_layers, fan_in, 4) and not ad.b.any()
     bound = 1 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) on torch's [r, in]
-    assert float(jnp.abs(ad.a).max()) <= bound and float(jnp.abs(ad.a).max()) > 0.9 * bound
-    gauss = q_node(LoRA(r=8, init_weights="gaussian").init(jax.random.key(1), params, cfg))
-    assert abs(float(gauss.adapters[0].a.std()) - 1 / 8) < 0.02
+    assert bound >= float(jnp.abs(ad.a).max()) > 0.9 * bound
+    gauss = q_node(LoRA(r=4, init_weights="gaussian").init(jax.random.key(1), params, cfg))
+    assert abs(float(gauss.adapters[0].a.std()) - 1 / 4) < 0.04 and not gauss.adapters[0].b.any()
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_scaling_matches_hand_computation(params, cfg, use_rslora):
     method = LoRA(r=4, alpha=6, use_rslora=use_rslora)
-    node = q_node(randomize(method.init(jax.random.key(1), params, cfg), jax.random.key(2)))
+    node = q_node(randomize(method.init(jax.random.key(1), params, cfg)))
     expected = 6 / (math.sqrt(4) if use_rslora else 4)
     np.testing.assert_allclose(node.adapters[0].scaling, [expected] * cfg.num_hidden_layers)
-    layer = jax.tree.map(lambda a: a[1], node)
-    x = jax.random.normal(jax.random.key(3), (2, 5, cfg.hidden_size))
+    layer = layer_of(node, 1)
     ad = layer.adapters[0]
+    x = np.random.RandomState(3).randn(2, 5, cfg.hidden_size).astype(np.float32)
     ref = x @ layer.base + expected * (x @ ad.a @ ad.b)
-    np.testing.assert_allclose(matmul(layer, x, Context(), "q_proj"), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(project(layer, x), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_dora_matches_hand_computation(params, cfg):
-    method = LoRA(r=4, alpha=8, use_dora=True)
-    node = q_node(randomize(method.init(jax.random.key(1), params, cfg), jax.random.key(2)))
-    layer = jax.tree.map(lambda a: a[0], node)
+    node = q_node(randomize(LoRA(r=4, alpha=8, use_dora=True).init(jax.random.key(1), params, cfg)))
+    layer = layer_of(node, 0)
     ad = layer.adapters[0]
-    x = jax.random.normal(jax.random.key(3), (2, 5, cfg.hidden_size))
-    w = layer.base + 2.0 * ad.a @ ad.b  # [in, out]; peft's norm is over torch dim 1 = in
-    ref = x @ (ad.magnitude * w / jnp.linalg.norm(w, axis=0))
-    np.testing.assert_allclose(matmul(layer, x, Context(), "q_proj"), ref, rtol=1e-5, atol=1e-6)
+    x = np.random.RandomState(3).randn(2, 5, cfg.hidden_size).astype(np.float32)
+    w = layer.base + 2.0 * ad.a @ ad.b  # [in, out]; peft's norm is over torch's dim 1 = in
+    ref = x @ (ad.magnitude * w / np.linalg.norm(w, axis=0))
+    np.testing.assert_allclose(project(layer, x), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_only_on_the_adapter_branch(params, cfg, batch):
-    method = LoRA(r=4, dropout=0.5)
-    fresh = method.init(jax.random.key(1), params, cfg)
-    x = jax.random.normal(jax.random.key(3), (2, 5, cfg.hidden_size))
-    train = Context(rng=jax.random.key(7))
+def test_dropout_only_on_the_adapter_branch(params, cfg):
+    fresh = LoRA(r=4, dropout=0.5).init(jax.random.key(1), params, cfg)
+    x = np.random.RandomState(3).randn(2, 5, cfg.hidden_size).astype(np.float32)
+    rng = jax.random.key(7)
     # B = 0: whatever dropout does to the adapter input, the output is the base's.
-    layer = jax.tree.map(lambda a: a[0], q_node(fresh))
-    np.testing.assert_array_equal(matmul(layer, x, train, "q_proj"), x @ layer.base)
-    adapted = randomize(fresh, jax.random.key(2))
-    layer = jax.tree.map(lambda a: a[0], q_node(adapted))
+    layer = layer_of(q_node(fresh), 0)
+    np.testing.assert_allclose(project(layer, x, rng), x @ layer.base, atol=1e-6)
+    adapted = randomize(fresh)
+    layer = layer_of(q_node(adapted), 0)
     ad = layer.adapters[0]
-    np.testing.assert_allclose(
-        matmul(layer, x, Context(), "q_proj"), x @ layer.base + 2.0 * x @ ad.a @ ad.b, atol=1e-6
-    )
+    ref = x @ layer.base + 2.0 * x @ ad.a @ ad.b
+    np.testing.assert_allclose(project(layer, x), ref, rtol=1e-5, atol=1e-6)
     # Training: the base sees x, the adapter sees x * keep / (1 - p) (the module's stream).
-    key = jax.random.fold_in(train.module_rng("q_proj"), ad.index)
-    dropped = jnp.where(jax.random.bernoulli(key, 0.5, x.shape), x / 0.5, 0.0)
+    key = jax.random.fold_in(Context(rng=rng).module_rng("q_proj"), ad.index)
+    dropped = np.where(jax.random.bernoulli(key, 0.5, x.shape), x / 0.5, 0.0)
     ref = x @ layer.base + 2.0 * dropped @ ad.a @ ad.b
-    np.testing.assert_allclose(matmul(layer, x, train, "q_proj"), ref, atol=1e-5)
-    ids, _ = batch
-    logits = jax.jit(
-        lambda p, k: llama.Llama(cfg).apply(
-            {"params": p}, ids, deterministic=False, rngs={"dropout": k}
-        )
-    )
-    first = logits(adapted, jax.random.key(0))
-    np.testing.assert_array_equal(first, logits(adapted, jax.random.key(0)))
-    assert not np.allclose(first, logits(adapted, jax.random.key(1)))
+    np.testing.assert_allclose(project(layer, x, rng), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_only_adapter_params_change(params, cfg, batch):
     ids, mask = batch
+    # v_proj: rank 4 in layer 0, 2 in layer 1 (zero-padded); q_proj: layer 1 only.
+    targets = ("v_proj", "model.layers.1.self_attn.q_proj")
     method = LoRA(
-        r=4,
-        alpha=8,
-        targets=("q_proj", "v_proj", "down_proj"),
-        rank_pattern={"v_proj": 2},
-        layers_to_transform=(1,),
-        use_dora=True,
+        r=4, targets=targets, rank_pattern={"layers.1.self_attn.v_proj": 2}, use_dora=True
     )
     start = method.init(jax.random.key(1), params, cfg)
     trainable, frozen = jpeft.split(start)
@@ -153,24 +149,21 @@ def test_only_adapter_params_change(params, cfg, batch):
         losses.append(float(loss))
     assert losses[-1] < losses[0]
     end = jpeft.combine(trainable, frozen)
-    _, frozen_after = jpeft.split(end)
-    jax.tree.map(np.testing.assert_array_equal, frozen_after, frozen)
-    v = end["layers"]["self_attn"]["v_proj"]["kernel"].adapters[0]
-    assert v.a[1, :, :2].any() and v.b[1, :2].any()  # trained ...
-    assert not v.a[1, :, 2:].any() and not v.b[1, 2:].any()  # ... padding stays zero
-    assert not v.a[0].any() and not v.b[0].any()  # untouched layer stays zero
-    start_v = start["layers"]["self_attn"]["v_proj"]["kernel"].adapters[0]
-    np.testing.assert_array_equal(v.magnitude[0], start_v.magnitude[0])
-    assert not np.array_equal(v.magnitude[1], start_v.magnitude[1])
+    jax.tree.map(np.testing.assert_array_equal, jpeft.split(end)[1], frozen)
+    attn = [p["layers"]["self_attn"] for p in (end, start)]
+    (v, v0), (q, q0) = ([a[m]["kernel"].adapters[0] for a in attn] for m in ("v_proj", "q_proj"))
+    assert v.b[0].all() and v.b[1, :2].all() and (v.magnitude != v0.magnitude).all()
+    assert not v.a[1, :, 2:].any() and not v.b[1, 2:].any()  # rank padding stays zero
+    assert q.b[1].all() and (q.magnitude[1] != q0.magnitude[1]).all()
+    assert not q.a[0].any() and not q.b[0].any() and not q.magnitude[0].any()  # untouched
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_merge_equals_unmerged_and_unmerge_restores(params, cfg, batch, use_dora):
+@pytest.mark.parametrize("method", [LORA, DORA], ids=["lora", "dora"])
+def test_merge_equals_unmerged_and_unmerge_restores(params, cfg, batch, method):
     ids, mask = batch
-    method = DORA if use_dora else LORA
-    adapted = randomize(method.init(jax.random.key(1), params, cfg), jax.random.key(2))
+    adapted = randomize(method.init(jax.random.key(1), params, cfg))
     merged = jpeft.merge(adapted)
-    assert not any(_is_lora(x) for x in jax.tree.leaves(merged, is_leaf=_is_lora))
+    assert not any(is_lora(x) for x in jax.tree.leaves(merged, is_leaf=is_lora))
     out = forward(adapted, cfg, ids, attention_mask=mask)
     np.testing.assert_allclose(forward(merged, cfg, ids, attention_mask=mask), out, atol=1e-5)
     jax.tree.map(np.testing.assert_array_equal, jpeft.merge(merged), merged)  # idempotent
@@ -179,36 +172,33 @@ def test_merge_equals_unmerged_and_unmerge_restores(params, cfg, batch, use_dora
 
 
 def test_unmerge_needs_no_base_for_plain_lora(params, cfg):
-    adapted = randomize(LoRA(r=4).init(jax.random.key(1), params, cfg), jax.random.key(2))
-    strip = lambda x: LoRAWeight(None, x.adapters) if _is_lora(x) else x
-    no_base = jax.tree.map(strip, adapted, is_leaf=_is_lora)
-    restored = jpeft.unmerge(jpeft.merge(adapted), no_base)
-    np.testing.assert_allclose(q_node(restored).base, q_node(adapted).base, atol=1e-6)
-    dora = randomize(
-        LoRA(r=4, use_dora=True).init(jax.random.key(1), params, cfg), jax.random.key(2)
+    strip = lambda p: jax.tree.map(
+        lambda x: LoRAWeight(None, x.adapters) if is_lora(x) else x, p, is_leaf=is_lora
     )
+    adapted = randomize(LORA.init(jax.random.key(1), params, cfg))
+    restored = jpeft.unmerge(jpeft.merge(adapted), strip(adapted))
+    np.testing.assert_allclose(q_node(restored).base, q_node(adapted).base, atol=1e-6)
+    dora = randomize(DORA.init(jax.random.key(1), params, cfg))
     with pytest.raises(ValueError, match="DoRA"):
-        jpeft.unmerge(jpeft.merge(dora), jax.tree.map(strip, dora, is_leaf=_is_lora))
+        jpeft.unmerge(jpeft.merge(dora), strip(dora))
 
 
 def test_save_load_round_trip(params, cfg, batch, tmp_path):
     ids, mask = batch
     method = dataclasses.replace(DORA, layers_to_transform=(0,), alpha_pattern={"up_proj": 3})
-    adapted = randomize(method.init(jax.random.key(1), params, cfg), jax.random.key(2))
+    adapted = randomize(method.init(jax.random.key(1), params, cfg))
     jpeft.save_hf_adapter(tmp_path, method, adapted, cfg)
     loaded_method, loaded = jpeft.load_hf_adapter(tmp_path, params, cfg)
-    assert loaded_method.plans(cfg) == method.plans(cfg)
     assert dataclasses.replace(loaded_method, targets="all-linear") == method
     out = forward(adapted, cfg, ids, attention_mask=mask)
     np.testing.assert_allclose(forward(loaded, cfg, ids, attention_mask=mask), out, atol=1e-6)
 
 
-def test_adapter_name_makes_no_difference(params, cfg, batch):
-    ids, _ = batch
+def test_adapter_name_makes_no_difference(params, cfg):
     named = dataclasses.replace(LORA, adapter_name="x")
-    a = randomize(LORA.init(jax.random.key(1), params, cfg), jax.random.key(2))
-    b = randomize(named.init(jax.random.key(1), params, cfg), jax.random.key(2))
-    np.testing.assert_array_equal(forward(a, cfg, ids), forward(b, cfg, ids))
+    a = randomize(LORA.init(jax.random.key(1), params, cfg))
+    b = randomize(named.init(jax.random.key(1), params, cfg))
+    jax.tree.map(np.testing.assert_array_equal, jpeft.merge(a), jpeft.merge(b))
     ta, tb = LORA.peft_tensors(a, cfg), named.peft_tensors(b, cfg)
     assert ta.keys() == tb.keys()
     jax.tree.map(np.testing.assert_array_equal, ta, tb)
@@ -239,11 +229,8 @@ def test_bad_options_raise():
 
 
 def test_logical_axes_follow_the_base(params, cfg):
-    adapted = LoRA(r=4, targets=("q_proj", "down_proj"), use_dora=True).init(
-        jax.random.key(1), params, cfg
-    )
-    axes = sharding.logical_axes(adapted)
-    q = axes["layers"]["self_attn"]["q_proj"]["kernel"]
+    adapted = DORA.init(jax.random.key(1), params, cfg)
+    q = sharding.logical_axes(adapted)["layers"]["self_attn"]["q_proj"]["kernel"]
     base = sharding.base_axes(("layers", "self_attn", "q_proj", "kernel"))
     assert q.base == base
     ad = q.adapters[0]

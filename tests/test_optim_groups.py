@@ -11,6 +11,7 @@ from conftest import tiny_config
 
 import jpeft
 from jpeft.adapters.bottleneck import BottleneckAdapter
+from jpeft.optim.adamw8bit import adamw_8bit
 from jpeft.optim.groups import (
     adamw,
     decay_mask,
@@ -61,12 +62,7 @@ def test_decay_mask_follows_node_types_and_roles(trainable):
     assert mask["lm_head"]["kernel"].value is True
     assert mask["embed_tokens"]["embedding"].value is False
     ad = mask["layers"]["adapter_mlp"]
-    assert (ad.down, ad.up, ad.down_bias, ad.up_bias) == (True, False, False, False)[:0] + (
-        True,
-        True,
-        False,
-        False,
-    )
+    assert (ad.down, ad.up, ad.down_bias, ad.up_bias) == (True, True, False, False)
     assert mask["prompt"].embedding is False
     enc = mask["prompt_encoder"]
     assert enc.embedding is False
@@ -118,6 +114,14 @@ def test_adamw_helper_composes_everything(trainable):
     a_step = np.abs(adapter(updates).a - (-0.1 * 1e-2 * adapter(trainable).a)).max()
     np.testing.assert_allclose(b_step, 16 * 1e-2, rtol=1e-3)
     np.testing.assert_allclose(a_step, 1e-2, rtol=1e-3)
+
+
+def test_adamw_helper_takes_the_8bit_optimizer(trainable):
+    tx = adamw(1e-2, weight_decay=0.1, lora_plus_ratio=16.0, base=adamw_8bit)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(trainable), trainable)
+    np.testing.assert_allclose(np.abs(adapter(updates).b).max(), 16 * 1e-2, rtol=1e-3)
+    np.testing.assert_allclose(updates["norm"]["scale"].value, -1e-2, rtol=1e-4)  # no decay
 
 
 def test_bad_options_are_rejected():

@@ -179,7 +179,9 @@ def test_dropout_rng_is_functional_and_changes_per_step():
 
 def test_non_finite_loss_leaves_the_state_unchanged(setup):
     trainable, frozen, batch = setup
-    bad = dict(trainable, norm={"scale": jpeft.Trained(jnp.full((CFG.hidden_size,), jnp.nan))})
+    bad = dict(
+        trainable, norm={"scale": jpeft.Trained(jnp.full((CFG.hidden_size,), jnp.nan, jnp.float32))}
+    )
     before = jax.tree.map(np.asarray, bad)
     new, metrics = STEP(sgd_state(bad), frozen, batch)
     assert not np.isfinite(float(metrics["loss"]))

@@ -93,24 +93,35 @@ def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
 
 
-def layout_diff(saved: dict[str, list], expected: dict[str, list]) -> list[str]:
+def layout_diff(saved: dict[str, list], expected: dict[str, list], limit: int = 12) -> list[str]:
     """Human-readable differences between two ``{path: [shape, dtype]}`` layouts.
+
+    Differences in ``trainable/`` are listed first; the optimizer-state entries that
+    merely follow them are summarized.
 
     Example:
         >>> layout_diff({"a": [[2], "float32"]}, {"a": [[3], "float32"], "b": [[1], "int32"]})
         ['missing from the checkpoint: b', 'a: checkpoint [2] float32, state [3] float32']
     """
+    trainable = [p for p in {*saved, *expected} if p.startswith("trainable/")]
+    keys = trainable if any(saved.get(p) != expected.get(p) for p in trainable) else None
+    sub = (lambda d: {k: d[k] for k in keys if k in d}) if keys else (lambda d: d)
+    saved, expected_sub = sub(saved), sub(expected)
+    missing = sorted(set(expected_sub) - set(saved))
+    extra = sorted(set(saved) - set(expected_sub))
     problems = []
-    missing = sorted(set(expected) - set(saved))
-    extra = sorted(set(saved) - set(expected))
     if missing:
-        problems.append(f"missing from the checkpoint: {', '.join(missing)}")
+        problems.append(f"missing from the checkpoint: {', '.join(missing[:limit])}")
     if extra:
-        problems.append(f"in the checkpoint but not in the state: {', '.join(extra)}")
-    for path in sorted(set(saved) & set(expected)):
-        if saved[path] != expected[path]:
-            (s_shape, s_dtype), (e_shape, e_dtype) = saved[path], expected[path]
-            problems.append(f"{path}: checkpoint {s_shape} {s_dtype}, state {e_shape} {e_dtype}")
+        problems.append(f"in the checkpoint but not in the state: {', '.join(extra[:limit])}")
+    changed = [p for p in sorted(set(saved) & set(expected_sub)) if saved[p] != expected_sub[p]]
+    for path in changed[:limit]:
+        (s_shape, s_dtype), (e_shape, e_dtype) = saved[path], expected_sub[path]
+        problems.append(f"{path}: checkpoint {s_shape} {s_dtype}, state {e_shape} {e_dtype}")
+    if len(changed) > limit:
+        problems.append(f"... and {len(changed) - limit} more")
+    if keys and problems:
+        problems.append("(the optimizer state differs accordingly)")
     return problems
 
 
@@ -184,8 +195,7 @@ class Checkpointer:
                 f"no checkpoint {'' if step is None else step} in {self.directory} "
                 f"(complete steps: {self.all_steps()})"
             )
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
+        meta = self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         items, treedef = _flat(_saved_tree(template))
         problems = layout_diff(meta["layout"], _layout(items))
         if problems:
@@ -194,9 +204,8 @@ class Checkpointer:
                 + "\n  ".join(problems)
             )
         abstract = _nest([(path, _abstract(leaf)) for path, leaf in items])
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract))
-        )["arrays"]
+        restored = self._read(step, ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))
+        restored = restored["arrays"]
         tree = jax.tree_util.tree_unflatten(treedef, [_pick(restored, p) for p, _ in items])
         rng = tree["rng"]
         if _is_key(template.rng):
@@ -205,6 +214,13 @@ class Checkpointer:
             step=tree["step"], trainable=tree["trainable"], opt_state=tree["opt_state"], rng=rng
         )
         return state, meta["data"]
+
+    def _read(self, step: int, args: ocp.args.Composite) -> Any:
+        try:
+            return self._manager.restore(step, args=args)
+        except Exception as err:
+            path = os.path.join(self.directory, str(step))
+            raise ValueError(f"checkpoint {path} could not be read (corrupt?): {err}") from err
 
     def wait(self) -> None:
         """Block until an asynchronous save has finished."""

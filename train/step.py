@@ -125,14 +125,10 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
     }
 
 
-def summed_grads(
+def _summed_grads(
     state: TrainState, frozen: Tree, batch: Batch, accum: int
 ) -> tuple[jax.Array, jax.Array, Tree]:
-    """``(loss sum, target count, gradient of the loss sum)`` over ``accum`` micro-batches.
-
-    Example:
-        >>> # total, count, grads = summed_grads(state, frozen, batch, accum=2)
-    """
+    """``(loss sum, target count, gradient of the loss sum)`` over ``accum`` micro-batches."""
     grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
     step_rng = jax.random.fold_in(state.rng, state.step)
     if accum == 1:
@@ -176,7 +172,7 @@ def train_step(
     """
     accum = state.grad_accum_steps if accum is None else accum
     check_batch(batch, accum)
-    total, count, grads = summed_grads(state, frozen, batch, accum)
+    total, count, grads = _summed_grads(state, frozen, batch, accum)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = total / denom

@@ -111,41 +111,61 @@ class LoRA(Method):
 
     def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
         """Wrap each targeted kernel in a :class:`LoRAWeight` (or add to one already there)."""
+        return self._add(params, cfg, key)
+
+    def _add(self, params: Params, cfg: LlamaConfig, key: jax.Array | None) -> Params:
+        """Add this adapter, ``a`` drawn from ``key`` (zeros when None, for loading)."""
         names = adapter_names(params)
         if self.adapter_name in names:
             raise ValueError(f"LoRA: params already hold an adapter named {self.adapter_name!r}")
+        plans = self.plans(cfg)
         layers = {group: dict(entries) for group, entries in params["layers"].items()}
-        for n, (module, plan) in enumerate(self.plans(cfg).items()):
+        kernels = {m: layers[group_of(m)][m]["kernel"] for m in plans}
+        bases = {m: k.base if isinstance(k, LoRAWeight) else k for m, k in kernels.items()}
+        shapes = {m: jax.eval_shape(dense, base).shape for m, base in bases.items()}
+        for module, shape in shapes.items():
+            if len(shape) != 3 or shape[0] != cfg.num_hidden_layers:
+                raise ValueError(f"LoRA: {module} kernel has shape {shape}, not [L, in, out]")
+        widths = [(*shapes[m][:2], plan.max_rank) for m, plan in plans.items()]
+        for (module, plan), noise in zip(plans.items(), self._noise(key, widths), strict=True):
+            adapter = self._adapter(plan, noise, bases[module], shapes[module][2], len(names))
             entry = layers[group_of(module)][module]
-            kernel = entry["kernel"]
-            base = kernel.base if isinstance(kernel, LoRAWeight) else kernel
-            adapter = self._new_adapter(jax.random.fold_in(key, n), plan, base, len(names), cfg)
-            layers[group_of(module)][module] = {**entry, "kernel": add_adapter(kernel, adapter)}
+            kernel = add_adapter(kernels[module], adapter)
+            layers[group_of(module)][module] = {**entry, "kernel": kernel}
         return set_adapter({**params, "layers": layers}, self.adapter_name)
 
-    def _new_adapter(
-        self, key: jax.Array, plan: ModulePlan, base: Any, index: int, cfg: LlamaConfig
-    ) -> LoRAAdapter:
-        shape = jax.eval_shape(dense, base).shape
-        if len(shape) != 3 or shape[0] != cfg.num_hidden_layers:
-            raise ValueError(f"LoRA: {plan.module} kernel has shape {shape}, expected [L, in, out]")
-        n_layers, fan_in, fan_out = shape
-        ranks = np.asarray(plan.ranks)
-        width = (n_layers, fan_in, plan.max_rank)
+    def _noise(self, key: jax.Array | None, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+        """Standard uniform(-1, 1) or normal arrays of ``shapes`` (zeros without a key).
+
+        One draw covers every module, so a single random kernel compiles per call.
+        """
+        if key is None:
+            return [jnp.zeros(shape, jnp.float32) for shape in shapes]
+        sizes = [math.prod(shape) for shape in shapes]
         if self.init_weights == "default":
-            bound = 1.0 / math.sqrt(fan_in)
-            a = jax.random.uniform(key, width, jnp.float32, -bound, bound)
+            flat = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
         else:
-            std = 1.0 / np.maximum(ranks, 1)
-            a = jax.random.normal(key, width, jnp.float32) * std[:, None, None]
-        columns = np.arange(plan.max_rank)[None, :] < ranks[:, None]
+            flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+        parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+        return [part.reshape(shape) for part, shape in zip(parts, shapes, strict=True)]
+
+    def _adapter(
+        self, plan: ModulePlan, noise: jax.Array, base: Any, fan_out: int, index: int
+    ) -> LoRAAdapter:
+        """The adapter for one module from standard uniform(-1, 1) / normal ``noise``."""
+        ranks = np.asarray(plan.ranks)
+        if self.init_weights == "default":  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(in))
+            scale = np.full((len(ranks), 1, 1), 1.0 / math.sqrt(noise.shape[1]))
+        else:  # normal with std 1/r
+            scale = (1.0 / np.maximum(ranks, 1))[:, None, None]
+        columns = np.arange(plan.max_rank)[None, None, :] < ranks[:, None, None]
         magnitude = None
         if self.use_dora:  # ||W + s B A|| with B = 0; 0 in untouched layers (never read)
             norm = jnp.linalg.norm(dense(base).astype(jnp.float32), axis=-2)
             magnitude = norm * (ranks > 0)[:, None]
         return LoRAAdapter(
-            a=a * columns[:, None, :],
-            b=jnp.zeros((n_layers, plan.max_rank, fan_out), jnp.float32),
+            a=noise * (scale * columns).astype(np.float32),
+            b=jnp.zeros((len(ranks), plan.max_rank, fan_out), jnp.float32),
             scaling=jnp.asarray(plan.scaling(self.use_rslora)),
             magnitude=magnitude,
             name=self.adapter_name,
@@ -169,7 +189,7 @@ class LoRA(Method):
         adapter_name: str = "default",
     ) -> tuple[LoRA, Params]:
         method = cls(**peft_io.options(config), adapter_name=adapter_name)
-        params = method.init(jax.random.key(0), params, cfg)
+        params = method._add(params, cfg, key=None)
         return method, peft_io.fill(method, params, tensors, method.plans(cfg))
 
 

@@ -6,6 +6,9 @@ is active; :func:`set_adapter` chooses others. A forward pass with
 ``ctx.adapter_ids [B]`` (``Llama.apply(..., adapter_ids=ids)``) gives each batch row
 the adapter of that index (-1: the base alone) in one jitted call, like peft's
 ``model(input_ids, adapter_names=[...])``; build the ids with :func:`adapter_ids`.
+Every adapter on a weight is evaluated for the whole batch and selected per row (a
+gather of rows would need dynamic shapes), so the extra cost grows with the number
+of adapters, each a rank-``r`` product.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class InactiveLoRAAdapter(LoRAAdapter):
     """
 
 
-def is_active(adapter: LoRAAdapter) -> bool:
+def _is_active(adapter: LoRAAdapter) -> bool:
     """True for adapters applied by default (and trained)."""
     return not isinstance(adapter, InactiveLoRAAdapter)
 
@@ -114,7 +114,7 @@ class LoRAWeight(Node):
         """
         base = dense(self.base)
         w = base.astype(jnp.float32)
-        growth, added = merge_terms(self.adapters, w)
+        growth, added = _merge_terms(self.adapters, w)
         return (w * growth + added).astype(base.dtype)
 
     def logical_axes(self, base: tuple[str | None, ...] | None) -> LoRAWeight:
@@ -141,13 +141,13 @@ class LoRAWeight(Node):
         return LoRAWeight(base=inner, adapters=tuple(map(adapter_axes, self.adapters)))
 
 
-def low_rank(adapter: LoRAAdapter) -> jax.Array:
+def _low_rank(adapter: LoRAAdapter) -> jax.Array:
     """``scaling * a @ b`` in fp32, broadcast over the leading axes: ``[..., in, out]``."""
     ab = adapter.a.astype(jnp.float32) @ adapter.b.astype(jnp.float32)
     return adapter.scaling.astype(jnp.float32)[..., None, None] * ab
 
 
-def dora_factor(adapter: LoRAAdapter, w: jax.Array, lowrank: jax.Array) -> jax.Array:
+def _dora_factor(adapter: LoRAAdapter, w: jax.Array, lowrank: jax.Array) -> jax.Array:
     """DoRA's ``m / ||W + scaling a b||`` per output ``[..., out]``; 1 where untouched.
 
     The norm runs over the input axis (peft: ``torch.linalg.norm(W_torch, dim=1)``) and
@@ -159,19 +159,19 @@ def dora_factor(adapter: LoRAAdapter, w: jax.Array, lowrank: jax.Array) -> jax.A
     return jnp.where(touched, factor, 1.0)
 
 
-def merge_terms(adapters: tuple[LoRAAdapter, ...], w: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _merge_terms(adapters: tuple[LoRAAdapter, ...], w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(1 + sum_k (f_k - 1), sum_k f_k L_k)`` over the active adapters, for fp32 base ``w``.
 
     The merged weight is ``w * growth + added`` (``growth`` ``[..., 1, out]``).
     """
     growth = jnp.ones((*w.shape[:-2], 1, w.shape[-1]), jnp.float32)
     added = jnp.zeros_like(w)
-    for ad in filter(is_active, adapters):
-        lowrank = low_rank(ad)
+    for ad in filter(_is_active, adapters):
+        lowrank = _low_rank(ad)
         if ad.magnitude is None:
             added = added + lowrank
         else:
-            factor = dora_factor(ad, w, lowrank)[..., None, :]
+            factor = _dora_factor(ad, w, lowrank)[..., None, :]
             growth = growth + factor - 1.0
             added = added + factor * lowrank
     return growth, added
@@ -192,7 +192,7 @@ def _adapter_output(
     if ad.magnitude is None:
         return lora
     weight = dense(w.base).astype(jnp.float32)
-    factor = dora_factor(ad, weight, low_rank(ad)).astype(ctx.dtype)
+    factor = _dora_factor(ad, weight, _low_rank(ad)).astype(ctx.dtype)
     # peft: with dropout active the base term is recomputed on the dropped input.
     base_term = matmul(w.base, x, ctx, name) if dropping else base_out
     return (factor - 1) * base_term + factor * lora
@@ -205,7 +205,7 @@ def _matmul_lora(w: LoRAWeight, x: jax.Array, ctx: Context, name: str) -> jax.Ar
     out = y
     for ad in w.adapters:
         if ids is None:
-            if is_active(ad):
+            if _is_active(ad):
                 out = out + _adapter_output(w, ad, x, y, ctx, name)
             continue
         rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
@@ -235,14 +235,14 @@ def unmerge(merged: Any, lora_params: Any) -> Any:
         if not isinstance(node_, LoRAWeight):
             return node_
         m32 = jnp.asarray(m, jnp.float32)
-        dora = any(ad.magnitude is not None for ad in filter(is_active, node_.adapters))
+        dora = any(ad.magnitude is not None for ad in filter(_is_active, node_.adapters))
         if dora and node_.base is None:
             raise ValueError(
                 "unmerge: a DoRA adapter cannot be unmerged without its base weight (merging "
                 "loses the base's column norms); pass params whose LoRA nodes hold their base"
             )
         w = dense(node_.base).astype(jnp.float32) if dora else m32
-        growth, added = merge_terms(node_.adapters, w)
+        growth, added = _merge_terms(node_.adapters, w)
         return LoRAWeight(((m32 - added) / growth).astype(jnp.asarray(m).dtype), node_.adapters)
 
     return jax.tree.map(restore, lora_params, merged, is_leaf=is_node)

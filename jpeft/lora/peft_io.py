@@ -35,23 +35,21 @@ _UNSUPPORTED = (
     "arrow_config",
     "exclude_modules",
     "fan_in_fan_out",
+    "kasa_config",
     "layer_replication",
     "lora_bias",
     "modules_to_save",
+    "monteclora_config",
     "target_parameters",
     "trainable_token_indices",
     "use_bdlora",
     "use_qalora",
+    "velora_config",
 )
 _INITS = {True: "default", False: "default", "gaussian": "gaussian"}
 
 
-def kernel_path(module: str) -> tuple[str, ...]:
-    """Where a projection's kernel lives in the params tree."""
-    return ("layers", group_of(module), module, "kernel")
-
-
-def lora_weight(params: Params, module: str) -> LoRAWeight:
+def _lora_weight(params: Params, module: str) -> LoRAWeight:
     """The :class:`LoRAWeight` at ``module``'s kernel (``ValueError`` if there is none)."""
     kernel = params["layers"][group_of(module)][module]["kernel"]
     if not isinstance(kernel, LoRAWeight):
@@ -60,7 +58,12 @@ def lora_weight(params: Params, module: str) -> LoRAWeight:
 
 
 def peft_config(method: LoRA) -> dict[str, Any]:
-    """The ``adapter_config.json`` entries peft's ``LoraConfig`` reads."""
+    """The ``adapter_config.json`` entries peft's ``LoraConfig`` reads.
+
+    Example:
+        >>> peft_config(LoRA(targets="all-linear"))["target_modules"][:2]   # doctest: +SKIP
+        ['down_proj', 'gate_proj']
+    """
     targets = method.targets
     if targets == ALL_LINEAR:
         targets = PROJECTIONS
@@ -84,7 +87,12 @@ def peft_config(method: LoRA) -> dict[str, Any]:
 
 
 def options(config: dict[str, Any]) -> dict[str, Any]:
-    """``jpeft.LoRA`` keyword arguments from a peft ``adapter_config.json`` dict."""
+    """``jpeft.LoRA`` keyword arguments from a peft ``adapter_config.json`` dict.
+
+    Example:
+        >>> options({"r": 4, "lora_alpha": 8, "target_modules": ["v_proj", "q_proj"]})["targets"]
+        ('q_proj', 'v_proj')
+    """
     bad = {k: config[k] for k in _UNSUPPORTED if config.get(k) not in (None, False, [], {})}
     if config.get("bias", "none") != "none":
         bad["bias"] = config["bias"]
@@ -100,7 +108,7 @@ def options(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("peft LoRA config: no target_modules")
     layers = config.get("layers_to_transform")
     return {
-        "r": int(config["r"]),
+        "r": int(config.get("r", 8)),
         "alpha": config.get("lora_alpha", 8),
         "dropout": float(config.get("lora_dropout", 0.0)),
         "targets": targets if isinstance(targets, str) else tuple(sorted(targets)),
@@ -114,10 +122,15 @@ def options(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[str, np.ndarray]:
-    """Adapter ``method.adapter_name``'s tensors under peft's names, for the layers it touches."""
+    """Adapter ``method.adapter_name``'s tensors under peft's names, for the layers it touches.
+
+    Example:
+        >>> sorted(tensors(method, params, method.plans(cfg)))[0]         # doctest: +SKIP
+        'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
     out = {}
     for module, plan in plans.items():
-        ad = lora_weight(params, module).adapter(method.adapter_name)
+        ad = _lora_weight(params, module).adapter(method.adapter_name)
         a, b = np.asarray(ad.a), np.asarray(ad.b)
         for i in plan.layers:
             key, rank = PREFIX + module_name(i, module), plan.ranks[i]
@@ -131,11 +144,18 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
 def fill(
     method: LoRA, params: Params, found: dict[str, np.ndarray], plans: dict[str, ModulePlan]
 ) -> Params:
-    """``params`` (already holding ``method``'s adapter) with its arrays read from ``found``."""
+    """``params`` (already holding ``method``'s adapter) with its arrays read from ``found``.
+
+    Raises ``ValueError`` for a missing or misshapen tensor, and for tensors the
+    config does not account for.
+
+    Example:
+        >>> params = fill(method, params, load_file(path), method.plans(cfg))  # doctest: +SKIP
+    """
     used: set[str] = set()
     layers = {group: dict(entries) for group, entries in params["layers"].items()}
     for module, plan in plans.items():
-        weight = lora_weight(params, module)
+        weight = _lora_weight(params, module)
         ad = weight.adapter(method.adapter_name)
         a, b = np.array(ad.a), np.array(ad.b)
         magnitude = None if ad.magnitude is None else np.array(ad.magnitude)

@@ -68,7 +68,12 @@ class ModulePlan:
 
 
 def module_name(layer: int, module: str) -> str:
-    """transformers' name of a projection, e.g. ``"model.layers.0.self_attn.q_proj"``."""
+    """transformers' name of a projection in a layer.
+
+    Example:
+        >>> module_name(1, "up_proj")
+        'model.layers.1.mlp.up_proj'
+    """
     return f"model.layers.{layer}.{group_of(module)}.{module}"
 
 
@@ -116,7 +121,9 @@ def resolve(
     return plans
 
 
-def _targeted(targets: str | tuple[str, ...], layers: Sequence[int] | None, name: str, i: int):
+def _targeted(
+    targets: str | tuple[str, ...], layers: Sequence[int] | None, name: str, i: int
+) -> bool:
     if targets == ALL_LINEAR:
         return layers is None or i in layers
     if isinstance(targets, str):

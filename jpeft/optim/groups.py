@@ -234,8 +234,12 @@ def adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    base: Callable[..., optax.GradientTransformation] = optax.adamw,
 ) -> optax.GradientTransformation:
     """AdamW with :func:`decay_mask`, optional LoRA+ and optional global-norm clipping.
+
+    ``base`` builds the AdamW itself from ``(lr, b1=, b2=, eps=, weight_decay=, mask=)``:
+    ``optax.adamw`` or ``jpeft.optim.adamw_8bit``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -244,7 +248,7 @@ def adamw(
     """
 
     def make(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-        return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+        return base(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
 
     tx = (
         make(learning_rate)

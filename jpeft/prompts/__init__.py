@@ -1,6 +1,7 @@
 """Prompt learning: prompt tuning, P-tuning v1/v2, prefix tuning, multitask prompts."""
 
-from jpeft.prompts.methods import MultitaskPromptTuning, PromptTuning, PTuning
+from jpeft.prompts.methods import PromptTuning, PTuning
+from jpeft.prompts.multitask import MultitaskPromptTuning
 from jpeft.prompts.nodes import MultitaskPrompt, Prefix, ProjectedPrefix, PromptEncoder, SoftPrompt
 from jpeft.prompts.prefix import PrefixTuning, PTuningV2
 

@@ -13,14 +13,48 @@ every initializer follows torch's defaults (uniform ``±1/sqrt(fan_in)`` for lin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Tree = dict[str, Any]
+
+
+class Uniform(NamedTuple):
+    """A tensor to draw from ``U(-bound, bound)`` (a leaf of an initializer spec)."""
+
+    shape: tuple[int, ...]
+    bound: float
+
+
+def fill(key: jax.Array, spec: Any) -> Any:
+    """Arrays for a tree of :class:`Uniform` leaves, drawn with one random call.
+
+    One draw (one compile per total size) instead of one per tensor keeps
+    initialization cheap; the slices are exact ``U(-bound, bound)`` samples.
+
+    Example:
+        >>> fill(jax.random.key(0), {"w": Uniform((2, 3), 0.5)})["w"].shape
+        (2, 3)
+    """
+    leaves, treedef = jax.tree.flatten(spec, is_leaf=lambda x: isinstance(x, Uniform))
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    flat = np.asarray(jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0))
+    arrays, start = [], 0
+    for leaf, size in zip(leaves, sizes, strict=True):
+        part = flat[start : start + size].reshape(leaf.shape) * np.float32(leaf.bound)
+        arrays.append(jnp.asarray(part))
+        start += size
+    return jax.tree.unflatten(treedef, arrays)
+
+
+def _linear(fan_in: int, fan_out: int) -> dict[str, Uniform]:
+    bound = 1.0 / math.sqrt(fan_in)
+    return {"kernel": Uniform((fan_in, fan_out), bound), "bias": Uniform((fan_out,), bound)}
 
 
 def init_linear(key: jax.Array, fan_in: int, fan_out: int) -> Tree:
@@ -30,12 +64,7 @@ def init_linear(key: jax.Array, fan_in: int, fan_out: int) -> Tree:
         >>> init_linear(jax.random.key(0), 4, 3)["kernel"].shape
         (4, 3)
     """
-    bound = 1.0 / np.sqrt(fan_in)
-    kw, kb = jax.random.split(key)
-    return {
-        "kernel": jax.random.uniform(kw, (fan_in, fan_out), jnp.float32, -bound, bound),
-        "bias": jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound),
-    }
+    return fill(key, _linear(fan_in, fan_out))
 
 
 def linear(p: Tree, x: jax.Array) -> jax.Array:
@@ -50,12 +79,12 @@ def init_mlp(key: jax.Array, dim: int, hidden: int) -> Tree:
         >>> sorted(init_mlp(jax.random.key(0), 8, 4))
         ['hidden', 'input', 'output']
     """
-    k1, k2, k3 = jax.random.split(key, 3)
-    return {
-        "input": init_linear(k1, dim, hidden),
-        "hidden": init_linear(k2, hidden, hidden),
-        "output": init_linear(k3, hidden, dim),
+    spec = {
+        "input": _linear(dim, hidden),
+        "hidden": _linear(hidden, hidden),
+        "output": _linear(hidden, dim),
     }
+    return fill(key, spec)
 
 
 def mlp(p: Tree, x: jax.Array) -> jax.Array:
@@ -83,31 +112,23 @@ def init_lstm(key: jax.Array, dim: int, hidden: int, num_layers: int) -> Tree:
     """
     if num_layers <= 0:
         raise ValueError(f"LSTM encoder: num_layers={num_layers} must be positive")
-    bound = 1.0 / np.sqrt(hidden)
-    keys = iter(jax.random.split(key, 8 * num_layers + 2))
-
-    def uniform(shape: tuple[int, ...]) -> jax.Array:
-        return jax.random.uniform(next(keys), shape, jnp.float32, -bound, bound)
-
+    bound = 1.0 / math.sqrt(hidden)
     layers = []
     for layer in range(num_layers):
         fan_in = dim if layer == 0 else 2 * hidden
-        layers.append(
-            {
-                direction: {
-                    "w_ih": uniform((fan_in, 4 * hidden)),
-                    "w_hh": uniform((hidden, 4 * hidden)),
-                    "b_ih": uniform((4 * hidden,)),
-                    "b_hh": uniform((4 * hidden,)),
-                }
-                for direction in ("forward", "backward")
-            }
-        )
-    return {
+        direction = {
+            "w_ih": Uniform((fan_in, 4 * hidden), bound),
+            "w_hh": Uniform((hidden, 4 * hidden), bound),
+            "b_ih": Uniform((4 * hidden,), bound),
+            "b_hh": Uniform((4 * hidden,), bound),
+        }
+        layers.append({"forward": direction, "backward": dict(direction)})
+    spec = {
         "lstm": layers,
-        "head": init_linear(next(keys), 2 * hidden, 2 * hidden),
-        "output": init_linear(next(keys), 2 * hidden, dim),
+        "head": _linear(2 * hidden, 2 * hidden),
+        "output": _linear(2 * hidden, dim),
     }
+    return fill(key, spec)
 
 
 def _lstm_direction(p: Tree, x: jax.Array, reverse: bool) -> jax.Array:
@@ -156,8 +177,7 @@ def init_projection(key: jax.Array, dim: int, hidden: int, out: int) -> Tree:
         >>> init_projection(jax.random.key(0), 8, 4, 32)["output"]["kernel"].shape
         (4, 32)
     """
-    k1, k2 = jax.random.split(key)
-    return {"input": init_linear(k1, dim, hidden), "output": init_linear(k2, hidden, out)}
+    return fill(key, {"input": _linear(dim, hidden), "output": _linear(hidden, out)})
 
 
 def projection(p: Tree, x: jax.Array) -> jax.Array:

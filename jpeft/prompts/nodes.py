@@ -153,8 +153,15 @@ class ProjectedPrefix(Node):
         return encoders.projection(self.encoder, self.embedding)
 
 
-PROMPT_NODES = (SoftPrompt, PromptEncoder, MultitaskPrompt)
-PREFIX_NODES = (Prefix, ProjectedPrefix)
+@jax.jit
+def export_table(node_: Any) -> jax.Array:
+    """``node_.table()`` compiled once per node structure (what the adapter file holds).
+
+    Example:
+        >>> export_table(SoftPrompt(jnp.ones((2, 3)))).shape
+        (2, 3)
+    """
+    return node_.table()
 
 
 @hooks.prompt_embeddings.register(SoftPrompt)
@@ -191,3 +198,24 @@ def _prefix(
     k = jnp.broadcast_to(kv[:, 0][:, None], shape)
     v = jnp.broadcast_to(kv[:, 1][:, None], shape)
     return k, v
+
+
+def install(params: dict[str, Any], entry: str, node_: Any) -> dict[str, Any]:
+    """``params`` plus ``params[entry] = node_``; refuses to replace an existing entry.
+
+    Example:
+        >>> sorted(install({"a": 1}, "prompt", 2))
+        ['a', 'prompt']
+    """
+    if entry in params:
+        raise ValueError(f"params already hold a {entry!r} entry ({type(params[entry]).__name__})")
+    return {**params, entry: node_}
+
+
+def prompt_node(params: dict[str, Any], types: tuple[type, ...], owner: str) -> Any:
+    """``params["prompt"]``, checked to be one of ``types``."""
+    found = params.get("prompt")
+    if not isinstance(found, types):
+        names = [t.__name__ for t in types]
+        raise ValueError(f"{owner}: params['prompt'] is {type(found).__name__}; expected {names}")
+    return found

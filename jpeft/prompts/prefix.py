@@ -23,8 +23,7 @@ import numpy as np
 
 from jpeft.method import Method, Params, register
 from jpeft.prompts import encoders, peft_io
-from jpeft.prompts.methods import install
-from jpeft.prompts.nodes import Prefix, ProjectedPrefix
+from jpeft.prompts.nodes import Prefix, ProjectedPrefix, export_table, install
 from models.config import LlamaConfig
 
 
@@ -98,7 +97,7 @@ class PrefixTuning(Method):
                 f"{type(self).__name__}: params['prefix'] is {type(found).__name__}; "
                 "expected Prefix or ProjectedPrefix"
             )
-        return {peft_io.TABLE: np.asarray(found.table(), np.float32)}
+        return {peft_io.TABLE: np.asarray(export_table(found), np.float32)}
 
     @classmethod
     def from_peft(

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpeft.prompts.peft_io import check_virtual_tokens
 from models.linear import dense
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -80,3 +81,55 @@ def initial_prompt(
     else:
         raise ValueError(f"prompt init {init!r}; expected one of {INITS}")
     return table[ids].astype(jnp.float32)
+
+
+def start_prompt(method: Any, key: jax.Array, params: dict[str, Any]) -> jax.Array:
+    """The ``[n, hidden]`` initial prompt of a method with prompt-init options.
+
+    ``method`` has ``num_virtual_tokens``, ``prompt_init``, ``init_text``,
+    ``tokenizer`` and ``init_token_ids`` (PromptTuning, MultitaskPromptTuning).
+
+    Example:
+        >>> start_prompt(jpeft.PromptTuning(num_virtual_tokens=4), key, params)  # doctest: +SKIP
+    """
+    n = method.num_virtual_tokens
+    ids = None
+    if method.prompt_init == "TEXT":
+        ids = text_token_ids(n, method.init_text, method.tokenizer, method.init_token_ids)
+    return initial_prompt(key, params, n, method.prompt_init, ids)
+
+
+def check_init(owner: str, method: Any, valid: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` for a bad token count or prompt init of ``method``."""
+    check_virtual_tokens(owner, method.num_virtual_tokens)
+    if method.prompt_init not in valid:
+        raise ValueError(f"{owner}: prompt_init={method.prompt_init!r}; valid: {list(valid)}")
+    if method.prompt_init == "TEXT" and method.init_text is None and method.init_token_ids is None:
+        raise ValueError(f"{owner}: prompt_init='TEXT' needs init_text (and a tokenizer) or ids")
+
+
+def peft_init_keys(method: Any) -> dict[str, Any]:
+    """peft's init keys; TEXT is written only when peft can re-read it (text and tokenizer path).
+
+    peft's config refuses ``prompt_tuning_init='TEXT'`` without both, even when it
+    only loads trained weights, so otherwise the file says RANDOM (the init no
+    longer matters once the prompt is trained).
+    """
+    init = method.prompt_init
+    if init == "TEXT" and (method.init_text is None or method.tokenizer_name_or_path is None):
+        init = "RANDOM"
+    return {
+        "prompt_tuning_init": init,
+        "prompt_tuning_init_text": method.init_text,
+        "tokenizer_name_or_path": method.tokenizer_name_or_path,
+        "tokenizer_kwargs": None,
+    }
+
+
+def init_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The prompt-init options of a method, read from a peft ``adapter_config.json`` dict."""
+    return {
+        "prompt_init": config.get("prompt_tuning_init") or "RANDOM",
+        "init_text": config.get("prompt_tuning_init_text"),
+        "tokenizer_name_or_path": config.get("tokenizer_name_or_path"),
+    }

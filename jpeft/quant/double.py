@@ -8,7 +8,9 @@ absmax of a 4-bit tensor as:
   blocks of 256 (:mod:`jpeft.quant.dynamic`),
 * ``nested_absmax``: one fp32 scale per block of 256 codes.
 
-and recovers ``absmax = fl(dyn[code] * nested_absmax[i // 256]) + offset``.
+and recovers ``absmax = fl(dyn[code] * nested_absmax[i // 256]) + offset``: the product
+is rounded before the add. XLA would contract the two into one FMA (one rounding, a
+last-bit difference); :func:`double_dequantize` blocks that.
 
 The offset is bit-exact only if the mean sums in torch's order: torch's CPU ``sum`` is a
 cascade over 8-lane vectors with 4 interleaved accumulators, not a pairwise or sequential
@@ -17,6 +19,8 @@ torch's single-threaded reduction, which is what torch runs for fewer than 32768
 values (tensors under 2M parameters at blocksize 64) or with one thread. Larger tensors
 reduced by a multi-threaded torch, or by bitsandbytes on CUDA, can get an offset that
 differs in the last bit; codes and scales then still agree except at rare exact ties.
+Where XLA flushes subnormals (CPU), an absmax made only of subnormals (an all-zero
+tensor smaller than one block stores ``1e-38``) gets offset 0 instead of ``1e-38``.
 """
 
 from __future__ import annotations

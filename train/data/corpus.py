@@ -31,7 +31,8 @@ def corpus_examples(
     tokenizer: Tokenizer, documents: Sequence[str], max_len: int, source: str = "document"
 ) -> list[Example]:
     """Language-modelling examples: each document becomes ``<s> text </s>``, cut into pieces of
-    at most ``max_len`` tokens. Every token but a piece's first is a target.
+    at most ``max_len`` tokens that overlap by one token, so that every token but the
+    document's first is a target exactly once (a piece's first token is its context).
 
     Example:
         >>> examples = corpus_examples(tok, ["Once upon a time.", "1 + 1 = 2"], max_len=128)
@@ -42,11 +43,9 @@ def corpus_examples(
     examples = []
     for d, ids in enumerate(tokenizer.encode_batch(list(documents), add_bos=True)):
         ids = np.array(ids + eos, dtype=np.int32)
-        for start in range(0, len(ids), max_len):
+        for start in range(0, len(ids) - 1, max_len - 1):
             piece = ids[start : start + max_len]
-            if len(piece) < 2:
-                continue
             mask = np.ones_like(piece)
             mask[0] = 0
-            examples.append(Example(piece, mask, source=f"{source} {d} tokens {start}:"))
+            examples.append(Example(piece, mask, source=f"{source} document {d} token {start}"))
     return examples

@@ -1,0 +1,143 @@
+"""``jpeft train | eval | generate | export`` end to end on the bundled model and task."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from cli_utils import FAST, run_main
+from conftest import tiny_config
+
+import jpeft
+from models import hf, llama
+from models.tokenizer import Tokenizer
+from train import build, methods
+from train.cli import build_parser, run_config
+
+MODEL = "assets/tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A 3-step LoRA run with the default settings otherwise: (exit status, stdout, dir)."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    code, stdout, stderr = run_main("train", *FAST, "--output-dir", str(out))
+    assert code == 0, stderr
+    return stdout, out
+
+
+def test_train_reports_and_saves_everything(lora_run):
+    stdout, out = lora_run
+    assert "before training: eval loss" in stdout and "accuracy" in stdout
+    assert "after training: eval loss" in stdout
+    assert "sample: " in stdout and "adapter (peft format)" in stdout
+    for name in ("run.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
+        assert (out / name).is_file(), name
+    assert sorted(os.listdir(out / "checkpoints")) == ["3"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all({"tokens_per_second", "grad_norm", "learning_rate"} <= set(r) for r in rows[1:4])
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["after"]["total"] == 4 and summary["peak_memory_bytes"] > 0
+
+
+def test_help_documents_commands_and_every_method_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--method",
+        "--mesh",
+        "--resume",
+        "--coordinator",
+        "--lora-r",
+        "--lora-targets",
+        "--adapter-bottleneck",
+        "--llama-adapter-adapter-len",
+        "--prefix-num-virtual-tokens",
+        "--prompt-prompt-init",
+        "--ptuning-encoder-type",
+        "--ptuning-v2-num-virtual-tokens",
+        "qlora options",
+    ):
+        assert flag in text, flag
+    for command in ("eval", "generate", "export"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert "--adapter" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_config_file_then_flags(tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    if suffix == ".toml":
+        path.write_text(
+            'method = "lora"\nsteps = 7\nlr = 0.01\n[lora]\nr = 4\ntargets = ["q_proj"]\n'
+        )
+    else:
+        path.write_text("method: lora\nsteps: 7\nlr: 0.01\nlora:\n  r: 4\n  targets: [q_proj]\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--steps", "5"])
+    run = run_config(args)
+    assert (run.steps, run.lr) == (5, 0.01)
+    assert run.options() == {"r": 4, "targets": ("q_proj",)}
+    args = build_parser().parse_args(["train", "--config", str(path), "--lora-targets", "v_proj"])
+    assert run_config(args).options()["targets"] == ("v_proj",)
+
+
+def test_generate_and_eval_commands(lora_run):
+    _, out = lora_run
+    code, stdout, _ = run_main(
+        "generate", "--run", str(out), "--prompt", "Hello", "--max-new-tokens", "4"
+    )
+    assert code == 0 and stdout.startswith("Hello\n-> ")
+    code, stdout, _ = run_main("eval", "--adapter", str(out / "adapter"), "--eval-samples", "4")
+    assert code == 0 and "accuracy" in stdout and "/4)" in stdout
+
+
+def test_export_loads_in_peft_and_transformers(lora_run, tmp_path):
+    _, out = lora_run
+    code, _, err = run_main("export", "--run", str(out), "--out", str(tmp_path / "adapter"))
+    assert code == 0, err
+    code, _, err = run_main(
+        "export", "--run", str(out), "--merged", "--out", str(tmp_path / "merged")
+    )
+    assert code == 0, err
+
+    cfg, base = hf.load_pretrained(MODEL)
+    _, params = jpeft.load_hf_adapter(tmp_path / "adapter", base, cfg)
+    ids = np.array(Tokenizer.from_dir(MODEL).encode("Once upon a time, 1 2 3"), np.int32)[None]
+    ours = np.asarray(llama.forward(params, cfg, jnp.asarray(ids)))
+    torch_ids = torch.tensor(ids, dtype=torch.long)
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    with torch.no_grad():
+        peft_model = peft.PeftModel.from_pretrained(hf_base, str(tmp_path / "adapter")).eval()
+        from_peft = peft_model(torch_ids).logits.numpy()
+        merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        from_merged = merged(torch_ids).logits.numpy()
+    np.testing.assert_allclose(from_peft, ours, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(from_merged, ours, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("spec", [s for s in methods.SPECS if s.available()], ids=lambda s: s.name)
+def test_every_method_builds_from_flags_and_inits(spec):
+    cfg = tiny_config(num_hidden_layers=2)
+    flags = {"prefix": ["--prefix-num-virtual-tokens", "3"], "lora": ["--lora-r", "2"]}
+    args = build_parser().parse_args(["train", "--method", spec.name, *flags.get(spec.name, [])])
+    run = run_config(args)
+    method = build.method(run)
+    params = build.init_params(run, method, llama.init_params(jax.random.key(0), cfg), cfg)
+    trainable, _ = jpeft.split(params)
+    assert 0 < build.count(trainable) < build.count(params)
+    if spec.name == "prefix":
+        assert method.num_virtual_tokens == 3

@@ -1,0 +1,73 @@
+"""One program from 1 device to a mesh of 8 and to two processes: the same losses and adapter.
+
+The reference runs in this process on one CPU device. The sharded run is a subprocess
+with 8 host devices and a data x fsdp x tensor mesh; the multi-host run is two
+processes on localhost (``jax.distributed`` with gloo CPU collectives), each holding
+one device of a ``data=2`` mesh, training in lockstep.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from cli_utils import FAST, assert_same_adapter, finish, run_main, start_cli, train_losses
+
+ARGS = [*FAST, "--eval-samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    code, _, stderr = run_main("train", *ARGS, "--output-dir", str(out))
+    assert code == 0, stderr
+    return out
+
+
+def assert_same_run(run, reference):
+    losses, expected = train_losses(run), train_losses(reference)
+    assert sorted(losses) == sorted(expected) == [1, 2, 3]
+    for step in expected:
+        assert abs(losses[step] - expected[step]) <= 1e-5 * abs(expected[step]), step
+    assert_same_adapter(run, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_over_8_devices_equals_one_device(reference, tmp_path):
+    out = tmp_path / "sharded"
+    mesh = "data=2,fsdp=2,tensor=2"
+    code, stdout, stderr = finish(
+        start_cli("train", *ARGS, "--mesh", mesh, "--output-dir", str(out), devices=8)
+    )
+    assert code == 0, stderr
+    assert "after training" in stdout
+    assert_same_run(out, reference)
+
+
+def test_two_processes_train_in_lockstep_like_one(reference, tmp_path):
+    out = tmp_path / "two"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [
+        start_cli(
+            "train",
+            *ARGS,
+            "--mesh",
+            "data=2",
+            "--output-dir",
+            str(out),
+            "--coordinator",
+            f"localhost:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        )
+        for i in range(2)
+    ]
+    results = [finish(p) for p in procs]
+    for code, _, stderr in results:
+        assert code == 0, stderr
+    assert "after training" in results[0][1]
+    assert "after training" not in results[1][1], "only process 0 reports"
+    assert_same_run(out, reference)

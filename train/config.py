@@ -1,0 +1,268 @@
+"""The run configuration: a typed :class:`RunConfig` from defaults, a config file and flags.
+
+Precedence, lowest first: the defaults below (which fine-tune the bundled tiny model
+with LoRA on the bundled task), the saved config of a resumed run, a ``--config`` file
+(TOML, YAML or JSON), then command-line flags. A config file holds the top-level options
+and one section per method::
+
+    method = "lora"
+    steps = 400
+    lr = 2e-3
+    [lora]
+    r = 16
+    targets = ["q_proj", "v_proj"]
+
+An unknown key or a value of the wrong type is a ValueError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train import methods
+from train.values import coerce
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = "assets/"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _opt(default: Any, group: str, help: str, choices: tuple | None = None) -> Any:
+    return dataclasses.field(
+        default=default, metadata={"group": group, "help": help, "choices": choices}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every option of a training run (see ``jpeft train --help`` for each one).
+
+    Example:
+        >>> RunConfig().method, RunConfig(steps=10).steps
+        ('lora', 10)
+    """
+
+    model: str = _opt("assets/tiny-llama", "model", "HF LLaMA model directory")
+    dtype: str = _opt("float32", "model", "dtype of the frozen base weights", DTYPES)
+    compute_dtype: str = _opt("float32", "model", "dtype of activations and matmuls", DTYPES)
+    quantize: str | None = _opt(
+        None, "model", "quantize the base linears while loading, e.g. nf4 (default: the method's)"
+    )
+    remat: str = _opt("none", "model", "rematerialize each layer", ("none", "full", "dots"))
+    train_data: str = _opt("assets/data/train.jsonl", "data", "JSONL instructions or text")
+    eval_data: str | None = _opt(
+        "assets/data/eval.jsonl", "data", "held-out JSONL ('none': split off the training data)"
+    )
+    eval_fraction: float = _opt(0.1, "data", "held-out fraction when --eval-data is none")
+    seq_len: int = _opt(64, "data", "tokens per row (at most the model's context)")
+    packing: bool | None = _opt(
+        None, "data", "pack several examples per row (default: yes, unless soft prompts)"
+    )
+    truncate: bool = _opt(False, "data", "cut examples longer than --seq-len instead of failing")
+    method: str = _opt("lora", "method", "PEFT method", tuple(methods.METHODS))
+    steps: int = _opt(300, "optimization", "optimizer steps in total")
+    batch_size: int = _opt(16, "optimization", "rows per step (global, all processes)")
+    grad_accum: int = _opt(1, "optimization", "micro-batches per step")
+    lr: float | None = _opt(None, "optimization", "peak learning rate (default: the method's)")
+    schedule: str = _opt(
+        "cosine",
+        "optimization",
+        "learning-rate decay after warmup",
+        ("constant", "linear", "cosine"),
+    )
+    warmup_steps: int = _opt(20, "optimization", "linear warmup steps")
+    optimizer: str = _opt(
+        "adamw", "optimization", "optimizer", ("adamw", "adamw-8bit", "paged-adamw", "sgd")
+    )
+    weight_decay: float = _opt(0.0, "optimization", "decoupled weight decay (kernels only)")
+    max_grad_norm: float | None = _opt(1.0, "optimization", "clip the global gradient norm")
+    lora_plus_ratio: float | None = _opt(None, "optimization", "LoRA+: lr multiplier of B")
+    seed: int = _opt(0, "optimization", "seed of initialization, data order and dropout")
+    eval_every: int = _opt(100, "evaluation", "evaluate every N steps (0: only before/after)")
+    eval_samples: int = _opt(200, "evaluation", "examples generated for accuracy (0: none)")
+    eval_batch_size: int = _opt(32, "evaluation", "rows per evaluation batch")
+    max_new_tokens: int | None = _opt(
+        None, "evaluation", "generation length for accuracy (default: longest answer)"
+    )
+    log_every: int = _opt(10, "output", "write training metrics every N steps")
+    save_every: int = _opt(100, "output", "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(3, "output", "checkpoints to keep")
+    output_dir: str | None = _opt(None, "output", "run directory (default: runs/<method>-<time>)")
+    mesh: str = _opt("data=-1", "distributed", "device mesh, e.g. data=2,fsdp=2,tensor=2")
+    method_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(
+        default_factory=dict, metadata={"group": None}
+    )
+
+    @property
+    def spec(self) -> methods.MethodSpec:
+        """The :class:`train.methods.MethodSpec` of ``method``."""
+        return methods.spec_for(self.method)
+
+    def options(self) -> dict[str, Any]:
+        """The user's options of the selected method (our defaults are applied by ``build``)."""
+        return dict(self.method_options.get(self.method, {}))
+
+
+def fields() -> dict[str, dataclasses.Field]:
+    """``{name: field}`` of the options settable by flags and config keys.
+
+    Example:
+        >>> "steps" in fields() and "method_options" not in fields()
+        True
+    """
+    return {f.name: f for f in dataclasses.fields(RunConfig) if f.metadata["group"]}
+
+
+def field_types() -> dict[str, Any]:
+    """``{name: type}`` of :func:`fields`."""
+    hints = typing.get_type_hints(RunConfig)
+    return {name: hints[name] for name in fields()}
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict of a ``.toml``, ``.yaml``/``.yml`` or ``.json`` config file.
+
+    Example:
+        >>> load_file("run.toml")  # doctest: +SKIP
+        {'method': 'lora', 'lora': {'r': 16}}
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path!r}")
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix == ".toml":
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif suffix in (".yaml", ".yml", ".json"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f) if suffix == ".json" else yaml.safe_load(f)
+        else:
+            raise ValueError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot parse: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of options, found {type(data).__name__}")
+    return data
+
+
+def apply(config: RunConfig, values: Mapping[str, Any], source: str) -> RunConfig:
+    """``config`` with ``values`` (top-level options and ``{method: {option: value}}``).
+
+    Keys may use ``-`` or ``_``. Unknown keys raise ValueError naming ``source`` and the
+    closest valid key.
+
+    Example:
+        >>> apply(RunConfig(), {"steps": "5", "lora": {"r": 4}}, "flags").method_options
+        {'lora': {'r': 4}}
+    """
+    types = field_types()
+    updates: dict[str, Any] = {}
+    sections = {name: dict(opts) for name, opts in config.method_options.items()}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if raw_key in methods.METHODS:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{source}: [{raw_key}] must be a section of method options")
+            sections.setdefault(raw_key, {}).update(_method_values(raw_key, value, source))
+        elif key in types:
+            updates[key] = coerce(value, types[key], f"{source}: {key}")
+        else:
+            raise ValueError(f"{source}: unknown option {raw_key!r}{_suggest(key, types)}")
+    new = dataclasses.replace(config, **updates, method_options=sections)
+    check(new)
+    return new
+
+
+def _method_values(name: str, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    spec = methods.spec_for(name)
+    types = methods.option_types(name)
+    out = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in types:
+            raise ValueError(
+                f"{source}: unknown option {raw_key!r} of method {name!r}{_suggest(key, types)}"
+            )
+        where = f"{source}: {name}.{key}"
+        out[key] = coerce(value, types[key], where, as_list=key in spec.lists)
+    return out
+
+
+def check(config: RunConfig) -> None:
+    """Raise ValueError for values outside their choices or ranges.
+
+    Example:
+        >>> check(RunConfig(steps=0))
+        Traceback (most recent call last):
+        ValueError: steps must be >= 1, found 0
+    """
+    for name, f in fields().items():
+        choices = f.metadata["choices"]
+        value = getattr(config, name)
+        if choices and value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; found {value!r}")
+    positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every")
+    non_negative = ("warmup_steps", "eval_every", "eval_samples", "save_every")
+    for name in positive + non_negative + ("keep_checkpoints", "max_new_tokens"):
+        value = getattr(config, name)
+        low = 0 if name in non_negative else 1
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, found {value}")
+    if not 0.0 < config.eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), found {config.eval_fraction}")
+    if config.batch_size % config.grad_accum:
+        raise ValueError(
+            f"batch_size {config.batch_size} is not a multiple of grad_accum {config.grad_accum}"
+        )
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    """The config as plain data (tuples as lists), loadable with :func:`apply`.
+
+    Example:
+        >>> to_dict(RunConfig())["method"]
+        'lora'
+    """
+    out: dict[str, Any] = {name: getattr(config, name) for name in fields()}
+    for name, options in config.method_options.items():
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    return out
+
+
+def save(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the config as YAML (``jpeft train --config`` reads it back)."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+
+
+def resolve_path(path: str) -> str:
+    """A bundled ``assets/...`` path that is missing here, looked up in the repository.
+
+    Example:
+        >>> os.path.isdir(resolve_path("assets/tiny-llama"))  # from any directory
+        True
+    """
+    if path.startswith(BUNDLED) and not os.path.exists(path):
+        bundled = REPO_ROOT / path
+        if bundled.exists():
+            return str(bundled)
+    return path
+
+
+def _suggest(key: str, valid: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+    return f"{hint} (valid: {', '.join(sorted(valid))})"

@@ -1,0 +1,210 @@
+"""Evaluation: held-out loss and perplexity, and task accuracy by greedy generation.
+
+Accuracy is exact match (``train.data.exact_match``) between the greedy continuation of
+each record's prompt, cut at the end-of-sequence token, and the record's reference
+answer. All prompts are left-padded to one length and batches keep one size, so each
+of the two programs compiles once per tree structure of the params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from models import generate, llama
+from models.config import LlamaConfig
+from models.context import Context
+from models.tokenizer import Tokenizer
+from train import data
+from train.distributed import local_rows, to_host
+from train.sharding import shard_batch
+from train.step import token_loss
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """One evaluation. ``loss``/``perplexity`` are None without eval examples, ``accuracy``
+    is None without instruction records; ``samples`` are (prompt, output, expected)."""
+
+    loss: float | None
+    perplexity: float | None
+    accuracy: float | None
+    correct: int
+    total: int
+    samples: tuple[tuple[str, str, str], ...] = ()
+
+    def summary(self) -> str:
+        """One line for the terminal.
+
+        Example:
+            >>> EvalResult(0.5, 1.65, 0.9, 9, 10).summary()
+            'eval loss 0.5000  perplexity 1.65  accuracy 90.0% (9/10)'
+        """
+        parts = []
+        if self.loss is not None:
+            parts.append(f"eval loss {self.loss:.4f}  perplexity {self.perplexity:.2f}")
+        if self.accuracy is not None:
+            parts.append(f"accuracy {100 * self.accuracy:.1f}% ({self.correct}/{self.total})")
+        return "  ".join(parts) or "nothing to evaluate"
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers for the metrics log."""
+        out = {"eval_loss": self.loss, "eval_perplexity": self.perplexity}
+        out["eval_accuracy"] = self.accuracy
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class Evaluator:
+    """Evaluates params on fixed held-out data (batches built once, on the host).
+
+    Example:
+        >>> ev = Evaluator(cfg, tok, examples, records, mesh=mesh, batch_size=32,
+        ...                seq_len=64)  # doctest: +SKIP
+        >>> print(ev(params).summary())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        tokenizer: Tokenizer,
+        examples: Sequence[data.Example],
+        records: Sequence[data.Record],
+        *,
+        mesh: Mesh,
+        batch_size: int,
+        seq_len: int,
+        packing: bool = True,
+        max_samples: int = 200,
+        max_new_tokens: int | None = None,
+        compute_dtype: Any = jnp.float32,
+    ) -> None:
+        self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.dtype = jnp.dtype(compute_dtype)
+        self.batch_size = batch_size
+        self.loss_batches = []
+        if examples:
+            it = data.BatchIterator(
+                examples,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                packing=packing,
+                shuffle=False,
+                pad_id=_pad(tokenizer),
+            )
+            self.loss_batches = list(it.epoch_batches())
+        self.records = list(records[:max_samples])
+        self.prompts = [data.generation_prompt(tokenizer, r) for r in self.records]
+        answers = [
+            len(data.encode_record(tokenizer, r)) - len(p)
+            for r, p in zip(self.records, self.prompts, strict=True)
+        ]
+        self.max_new_tokens = max_new_tokens or max(answers, default=1) + 1
+        self._loss = jax.jit(self._loss_sums)
+
+    def generation_length(self) -> int:
+        """Longest prompt plus ``max_new_tokens``: the context generation needs."""
+        return max((len(p) for p in self.prompts), default=0) + self.max_new_tokens
+
+    def _loss_sums(self, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+        kwargs = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
+        logits = llama.forward(
+            params,
+            self.cfg,
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            ctx=Context(self.dtype),
+            **kwargs,
+        )
+        return token_loss(
+            logits,
+            batch["input_ids"],
+            batch["loss_mask"],
+            batch["attention_mask"],
+            batch.get("segment_ids"),
+        )
+
+    def loss(self, params: Params) -> tuple[float | None, float | None]:
+        """``(mean target loss, perplexity)`` over the eval examples."""
+        if not self.loss_batches:
+            return None, None
+        total, count = 0.0, 0.0
+        for batch in self.loss_batches:
+            s, n = to_host(self._loss(params, shard_batch(local_rows(batch), self.mesh)))
+            total, count = total + float(s), count + float(n)
+        mean = total / max(count, 1.0)
+        return mean, math.exp(min(mean, 50.0))
+
+    def generate(self, params: Params, prompts: Sequence[Sequence[int]]) -> list[str]:
+        """Greedy continuations of token-id prompts, decoded and cut at end-of-sequence.
+
+        Example:
+            >>> ev.generate(params, [tok.encode("[INST] Sort: 3 1 [/INST]")])  # doctest: +SKIP
+            [' 1 3 ']
+        """
+        width = max(len(p) for p in self.prompts + [list(p) for p in prompts])
+        outputs = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start : start + self.batch_size])
+            ids, mask = _left_pad(chunk, self.batch_size, width, _pad(self.tokenizer))
+            result = generate.generate(
+                params,
+                self.cfg,
+                ids,
+                mask,
+                max_new_tokens=self.max_new_tokens,
+                stop_tokens=_stops(self.tokenizer, self.cfg),
+                pad_token_id=_pad(self.tokenizer),
+                dtype=self.dtype,
+            )
+            tokens, lengths = to_host((result.tokens, result.lengths))
+            for row in range(len(chunk)):
+                outputs.append(self.tokenizer.decode(tokens[row, : lengths[row]]))
+        return outputs
+
+    def accuracy(self, params: Params) -> tuple[float | None, int, list[tuple[str, str, str]]]:
+        """``(exact-match accuracy, correct, [(prompt, output, expected)])`` on the records."""
+        if not self.records:
+            return None, 0, []
+        outputs = self.generate(params, self.prompts)
+        samples, correct = [], 0
+        for record, prompt, output in zip(self.records, self.prompts, outputs, strict=True):
+            expected = data.reference_answer(record)
+            correct += data.exact_match(output, expected)
+            samples.append((self.tokenizer.decode(prompt), output.strip(), expected))
+        return correct / len(self.records), correct, samples
+
+    def __call__(self, params: Params) -> EvalResult:
+        """Loss, perplexity and accuracy of ``params``."""
+        loss, ppl = self.loss(params)
+        acc, correct, samples = self.accuracy(params)
+        return EvalResult(loss, ppl, acc, correct, len(self.records), tuple(samples))
+
+
+def _pad(tokenizer: Tokenizer) -> int:
+    return tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+
+def _stops(tokenizer: Tokenizer, cfg: LlamaConfig) -> tuple[int, ...]:
+    return (tokenizer.eos_id,) if tokenizer.eos_id is not None else cfg.eos_ids
+
+
+def _left_pad(
+    prompts: list[Sequence[int]], rows: int, width: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts right-aligned in ``[rows, width]``; missing rows hold one pad token."""
+    ids = np.full((rows, width), pad, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for i in range(rows):
+        prompt = list(prompts[i]) if i < len(prompts) else [pad]
+        ids[i, width - len(prompt) :] = prompt
+        mask[i, width - len(prompt) :] = 1
+    return ids, mask

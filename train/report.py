@@ -1,0 +1,68 @@
+"""The end of a finished run: the peft adapter, ``summary.json`` and the terminal report."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jpeft
+from models.config import LlamaConfig
+from train.config import RunConfig
+from train.distributed import is_main, sync
+from train.evaluate import EvalResult
+from train.metrics_log import say
+
+SAMPLES_SHOWN = 3
+
+
+def finish(
+    out: str,
+    run: RunConfig,
+    method: jpeft.Method,
+    params: dict[str, Any],
+    cfg: LlamaConfig,
+    model_path: str,
+    before: EvalResult | None,
+    after: EvalResult,
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    """Save the adapter (peft format) and ``summary.json``, print where they are and samples.
+
+    ``params``: base plus trained nodes, with the trained arrays on the host.
+
+    Example:
+        >>> summary = finish(out, run, method, params, cfg, "assets/tiny-llama",
+        ...                  before, after, stats)  # doctest: +SKIP
+    """
+    adapter = os.path.join(out, "adapter")
+    memory, memory_kind = stats["peak_memory"]
+    summary = {
+        "method": run.method,
+        "steps": run.steps,
+        "total_params": stats["total_params"],
+        "trainable_params": stats["trainable_params"],
+        "trainable_percent": 100 * stats["trainable_params"] / max(stats["total_params"], 1),
+        "before": None if before is None else _numbers(before),
+        "after": _numbers(after),
+        "step_time_s": stats["step_time_s"],
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "adapter": adapter,
+    }
+    if is_main():
+        jpeft.save_hf_adapter(adapter, method, params, cfg, base_model_name_or_path=model_path)
+        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+    sync("adapter saved")
+    say(f"adapter (peft format): {adapter}")
+    say(f"checkpoints: {os.path.join(out, 'checkpoints')}   metrics: {out}/metrics.jsonl")
+    for prompt, output, expected in after.samples[:SAMPLES_SHOWN]:
+        mark = "ok" if output == expected.strip() else "wrong"
+        say(f"sample: {prompt!r} -> {output!r} (expected {expected!r}: {mark})")
+    return summary
+
+
+def _numbers(result: EvalResult) -> dict[str, Any]:
+    return {**result.metrics(), "correct": result.correct, "total": result.total}
