@@ -99,7 +99,7 @@ def test_generate_and_eval_commands(lora_run):
     code, stdout, _ = run_main(
         "generate", "--run", str(out), "--prompt", "Hello", "--max-new-tokens", "4"
     )
-    assert code == 0 and stdout.startswith("Hello\n-> ")
+    assert code == 0 and "\nHello\n-> " in stdout
     code, stdout, _ = run_main("eval", "--adapter", str(out / "adapter"), "--eval-samples", "4")
     assert code == 0 and "accuracy" in stdout and "/4)" in stdout
 

@@ -144,7 +144,7 @@ def _run_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
 
 
 def _method_options(parser: argparse.ArgumentParser) -> None:
-    for spec in methods.SPECS:
+    for spec in methods.METHODS.values():
         if not spec.available():
             parser.add_argument_group(
                 f"{spec.name} options", f"{spec.target} is not available in this jpeft version"

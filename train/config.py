@@ -56,7 +56,7 @@ class RunConfig:
     dtype: str = _opt("float32", "model", "dtype of the frozen base weights", DTYPES)
     compute_dtype: str = _opt("float32", "model", "dtype of activations and matmuls", DTYPES)
     quantize: str | None = _opt(
-        None, "model", "quantize the base linears while loading, e.g. nf4 (default: the method's)"
+        None, "model", "quantize the base linears while loading (nf4); qlora does it anyway"
     )
     remat: str = _opt("none", "model", "rematerialize each layer", ("none", "full", "dots"))
     train_data: str = _opt("assets/data/train.jsonl", "data", "JSONL instructions or text")

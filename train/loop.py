@@ -127,11 +127,11 @@ def train(run: RunConfig, resume: str | None = None) -> Outcome:
         ckpt.save(state, data={"batches": position})
         ckpt.wait()
 
-    before = evaluate("before training") if int(state.step) == 0 else None
-    step = int(state.step)
     status, times, window = "done", [], _Window()
-    bar = Progress(run.steps, step)
     with Interrupts() as interrupts:
+        before = evaluate("before training") if int(state.step) == 0 else None
+        step = int(state.step)
+        bar = Progress(run.steps, step)
         while step < run.steps:
             position = batches.state
             batch = next(batches)

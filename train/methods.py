@@ -31,7 +31,6 @@ class MethodSpec:
         defaults: our defaults over the class's, tuned for the bundled tiny task.
         packing: False when packed rows are impossible (soft prompts are prepended
             once per row), so batches are padded instead.
-        quantize: load the base model quantized this way (``"nf4"`` for QLoRA).
         lists: string-or-tuple fields where a plain value is a comma-separated list
             (``--lora-targets q_proj,v_proj``); ``re:<regex>`` keeps a regex string.
         exclusive: pairs of options where giving one drops our default of the other.
@@ -46,7 +45,6 @@ class MethodSpec:
     lr: float
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     packing: bool = True
-    quantize: str | None = None
     lists: tuple[str, ...] = ()
     exclusive: tuple[tuple[str, str], ...] = ()
 
@@ -60,7 +58,7 @@ class MethodSpec:
         module, _, attr = self.target.partition(":")
         cls = getattr(importlib.import_module(module), attr, None)
         if cls is None:
-            available = [s.name for s in SPECS if s.available()]
+            available = [s.name for s in METHODS.values() if s.available()]
             raise ValueError(
                 f"--method {self.name}: {module}.{attr} is not available in this version of "
                 f"jpeft; available methods: {', '.join(available)}"
@@ -76,7 +74,7 @@ class MethodSpec:
 _LORA_DEFAULTS = {"r": 8, "alpha": 16.0, "targets": "all-linear"}
 SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("lora", "jpeft:LoRA", 3e-3, _LORA_DEFAULTS, lists=("targets",)),
-    MethodSpec("qlora", "jpeft:QLoRA", 3e-3, _LORA_DEFAULTS, quantize="nf4", lists=("targets",)),
+    MethodSpec("qlora", "jpeft:QLoRA", 3e-3, _LORA_DEFAULTS, lists=("targets",)),
     MethodSpec(
         "adapter",
         "jpeft.adapters:Adapter",

@@ -66,15 +66,14 @@ def load_config_and_tokenizer(path: str) -> tuple[str, LlamaConfig, Tokenizer]:
 
 
 def load_weights(path: str, run: RunConfig) -> Params:
-    """The base params in ``run.dtype``, quantized as the run or its method asks.
+    """The base params in ``run.dtype``, quantized while loading if ``run.quantize`` says so.
 
     Example:
         >>> params = load_weights("assets/tiny-llama", RunConfig())  # doctest: +SKIP
     """
-    quantize = run.quantize or run.spec.quantize
-    if quantize is not None:
+    if run.quantize is not None:
         import jpeft.quant  # noqa: F401  (registers the quantizers)
-    _, params = hf.load_pretrained(path, dtype=jnp.dtype(run.dtype), quantize=quantize)
+    _, params = hf.load_pretrained(path, dtype=jnp.dtype(run.dtype), quantize=run.quantize)
     return params
 
 
@@ -131,8 +130,8 @@ def check_seq_len(run: RunConfig, cfg: LlamaConfig) -> None:
     """``run.seq_len`` must fit the model's context.
 
     Example:
-        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
-        ...                   num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=32)
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+        ...                   num_attention_heads=1, max_position_embeddings=32)
         >>> check_seq_len(RunConfig(seq_len=64), cfg)
         Traceback (most recent call last):
         ValueError: seq_len 64 is longer than the model's context (max_position_embeddings = 32)

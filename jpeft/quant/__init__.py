@@ -28,6 +28,7 @@ from jpeft.quant.fourbit import (
     quantize_kernel,
     unpack,
 )
+from jpeft.quant.node import QuantizedWeight, dequantize, quantize
 
 __all__ = [
     "BLOCKSIZES",
@@ -35,10 +36,12 @@ __all__ = [
     "NESTED_BLOCKSIZE",
     "NF4_TABLE",
     "QUANT_TYPES",
+    "QuantizedWeight",
     "bits_per_param",
     "check_blocksize",
     "check_quant_type",
     "code_table",
+    "dequantize",
     "dequantize_4bit",
     "dequantize_blockwise",
     "dequantize_kernel",
@@ -49,6 +52,7 @@ __all__ = [
     "flat_to_kernel",
     "kernel_to_flat",
     "pack",
+    "quantize",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_kernel",
@@ -57,3 +61,17 @@ __all__ = [
     "torch_sum",
     "unpack",
 ]
+
+
+def _quantize_on_load(kernel, module: str) -> QuantizedWeight:
+    """``models.hf.load_pretrained(..., quantize="nf4")``: NF4 + double quantization."""
+    return quantize(kernel, "nf4", blocksize=64, double_quant=True)
+
+
+def _register_loader() -> None:
+    from models.hf import register_quantizer
+
+    register_quantizer("nf4", _quantize_on_load)
+
+
+_register_loader()

@@ -1,0 +1,48 @@
+"""QLoRA (Dettmers et al. 2023): NF4 (+ double quantization) base linears with LoRA on top."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from jpeft.lora import LoRA
+from jpeft.method import Params
+from jpeft.quant import QuantizedWeight, quantize
+from models.config import LlamaConfig
+from models.hf_names import PROJECTIONS, group_of
+
+
+@dataclasses.dataclass(frozen=True)
+class QLoRA(LoRA):
+    """LoRA over 4-bit base weights: every linear inside the decoder layers is quantized.
+
+    Embeddings, ``lm_head`` and norms stay as they are. The adapter is a plain LoRA
+    adapter, so peft loads it over a bitsandbytes 4-bit model (``peft_type`` LORA).
+    Params loaded with ``hf.load_pretrained(..., quantize="nf4")`` are already
+    quantized and are left as they are.
+
+    Example:
+        >>> method = QLoRA(r=64, alpha=16, dropout=0.1, targets="all-linear")
+        >>> params = method.init(jax.random.key(0), params, cfg)       # doctest: +SKIP
+    """
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
+        return super().init(key, quantize_linears(params, self), cfg)
+
+
+def quantize_linears(params: Params, method: QLoRA) -> Params:
+    """``params`` with every decoder projection kernel quantized (already-quantized kept)."""
+    layers = {group: dict(entries) for group, entries in params["layers"].items()}
+    for module in PROJECTIONS:
+        entry = dict(layers[group_of(module)][module])
+        if not isinstance(entry["kernel"], QuantizedWeight):
+            entry["kernel"] = quantize(
+                entry["kernel"], method.quant_type, method.blocksize, method.double_quant
+            )
+        layers[group_of(module)][module] = entry
+    return {**params, "layers": layers}

@@ -1,0 +1,85 @@
+"""QLoRA: NF4 base weights against transformers + bitsandbytes (CPU), LoRA on top."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import hf_twin, sgd_train, tiny_config
+
+import jpeft
+from jpeft import quant
+from models import hf, llama
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = tiny_config(hidden_size=64, intermediate_size=128)
+    params = llama.init_params(jax.random.key(0), cfg)
+    path = tmp_path_factory.mktemp("base")
+    hf_twin(params, cfg).save_pretrained(path)
+    bnb = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    reference = transformers.LlamaForCausalLM.from_pretrained(
+        path, quantization_config=bnb, device_map="cpu", dtype=torch.float32
+    ).eval()
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        logits = reference(torch.tensor(ids)).logits.float().numpy()
+    return cfg, params, path, ids, logits
+
+
+def _rel(out, ref):
+    return np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()
+
+
+def test_quantize_on_load_equals_bitsandbytes(setup):
+    cfg, _, path, ids, ref = setup
+    _, params4 = hf.load_pretrained(path, quantize="nf4")
+    assert isinstance(params4["layers"]["mlp"]["up_proj"]["kernel"], quant.QuantizedWeight)
+    assert _rel(llama.forward(params4, cfg, jnp.asarray(ids)), ref) < 1e-5
+
+
+def test_qlora_init_equals_bitsandbytes_and_trains_only_lora(setup):
+    cfg, params, _, ids, ref = setup
+    method = jpeft.QLoRA(r=4, alpha=8, targets="all-linear")
+    adapted = method.init(jax.random.key(1), params, cfg)
+    assert _rel(llama.forward(adapted, cfg, jnp.asarray(ids)), ref) < 1e-5
+    trained, losses = sgd_train(adapted, cfg, jnp.asarray(ids), steps=8, lr=0.5)
+    assert losses[-1] < losses[0]
+    jax.tree.map(np.testing.assert_array_equal, jpeft.split(trained)[1], jpeft.split(adapted)[1])
+
+
+def test_bits_per_parameter(setup):
+    _, params, _, _, _ = setup
+    kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
+    w4 = quant.quantize(kernel, "nf4", blocksize=64, double_quant=True)
+    bits = 8 * jpeft.nbytes(w4) / kernel.size
+    assert bits == pytest.approx(quant.bits_per_param(64, True), rel=0.02)
+    w4_plain = quant.quantize(kernel, "nf4", blocksize=64, double_quant=False)
+    assert 8 * jpeft.nbytes(w4_plain) / kernel.size == pytest.approx(4.5)
+
+
+def test_merge_into_nf4_base_gives_16_bit_weights(setup):
+    cfg, params, _, ids, _ = setup
+    adapted = jpeft.QLoRA(r=4, targets=("q_proj",)).init(jax.random.key(1), params, cfg)
+    merged = jpeft.merge(adapted)
+    assert not isinstance(merged["layers"]["self_attn"]["q_proj"]["kernel"], jpeft.Node)
+    np.testing.assert_allclose(
+        np.asarray(llama.forward(merged, cfg, jnp.asarray(ids))),
+        np.asarray(llama.forward(adapted, cfg, jnp.asarray(ids))),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_bad_blocksize_and_shape():
+    with pytest.raises(ValueError, match="blocksize"):
+        quant.quantize(jnp.ones((128, 4)), "nf4", blocksize=48)
+    with pytest.raises(ValueError, match="in_features"):
+        quant.quantize(jnp.ones((96, 4)), "nf4", blocksize=64)
