@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from train.cli import main
@@ -22,6 +23,18 @@ FAST = [
     "--steps", "3", "--batch-size", "8", "--eval-batch-size", "8", "--eval-samples", "4",
     "--eval-every", "0", "--log-every", "1", "--warmup-steps", "1",
 ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory) -> tuple[str, Path]:
+    """The reference run: ``jpeft train`` with :data:`FAST` in this process; (stdout, dir).
+
+    Test modules import it; the resume, sharded and multi-process runs must equal it.
+    """
+    out = tmp_path_factory.mktemp("lora") / "run"
+    code, stdout, stderr = run_main("train", *FAST, "--output-dir", str(out))
+    assert code == 0, stderr
+    return stdout, out
 
 
 def run_main(*args: str) -> tuple[int, str, str]:

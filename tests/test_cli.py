@@ -1,4 +1,7 @@
-"""``jpeft train | eval | generate | export`` end to end on the bundled model and task."""
+"""``jpeft train | eval | generate | export`` end to end on the bundled model and task.
+
+``lora_run`` (from ``cli_utils``) is a 3-step LoRA run shared by the command-line tests.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import peft
 import pytest
 import torch
 import transformers
-from cli_utils import FAST, run_main
+from cli_utils import lora_run, run_main
 from conftest import tiny_config
 
 import jpeft
@@ -22,15 +25,6 @@ from train import build, methods
 from train.cli import build_parser, run_config
 
 MODEL = "assets/tiny-llama"
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """A 3-step LoRA run with the default settings otherwise: (exit status, stdout, dir)."""
-    out = tmp_path_factory.mktemp("lora") / "run"
-    code, stdout, stderr = run_main("train", *FAST, "--output-dir", str(out))
-    assert code == 0, stderr
-    return stdout, out
 
 
 def test_train_reports_and_saves_everything(lora_run):
@@ -132,7 +126,7 @@ def test_export_loads_in_peft_and_transformers(lora_run, tmp_path):
 @pytest.mark.parametrize("spec", [s for s in methods.SPECS if s.available()], ids=lambda s: s.name)
 def test_every_method_builds_from_flags_and_inits(spec):
     cfg = tiny_config(num_hidden_layers=2)
-    flags = {"prefix": ["--prefix-num-virtual-tokens", "3"], "lora": ["--lora-r", "2"]}
+    flags = {"prefix": ["--prefix-num-virtual-tokens", "3"], "qlora": ["--qlora-blocksize", "32"]}
     args = build_parser().parse_args(["train", "--method", spec.name, *flags.get(spec.name, [])])
     run = run_config(args)
     method = build.method(run)
