@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def main() -> None:
         commands.append(shlex.join(command))
         print(f"{method}: done in {summary['wall_s']:.0f}s", file=sys.stderr, flush=True)
     skipped = [spec.name for spec in SPECS if not spec.available()]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores ({platform.platform()})\n")
     print(HEADER)
     print("\n".join(rows))
     if skipped:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from train.cli import main
@@ -25,13 +28,15 @@ FAST = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def lora_run(tmp_path_factory) -> tuple[str, Path]:
-    """The reference run: ``jpeft train`` with :data:`FAST` in this process; (stdout, dir).
+@functools.cache
+def reference_run() -> tuple[str, Path]:
+    """``(stdout, run dir)`` of ``jpeft train`` with :data:`FAST`, run once in this process.
 
-    Test modules import it; the resume, sharded and multi-process runs must equal it.
+    The resumed, sharded and multi-process runs of the tests must equal it.
     """
-    out = tmp_path_factory.mktemp("lora") / "run"
+    root = tempfile.mkdtemp(prefix="jpeft-cli-test-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    out = Path(root) / "run"
     code, stdout, stderr = run_main("train", *FAST, "--output-dir", str(out))
     assert code == 0, stderr
     return stdout, out

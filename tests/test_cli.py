@@ -1,6 +1,6 @@
 """``jpeft train | eval | generate | export`` end to end on the bundled model and task.
 
-``lora_run`` (from ``cli_utils``) is a 3-step LoRA run shared by the command-line tests.
+``reference_run()`` (from ``cli_utils``) is a 3-step LoRA run shared by the command-line tests.
 """
 
 from __future__ import annotations
@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
 import transformers
-from cli_utils import lora_run, run_main
-from conftest import tiny_config
+from cli_utils import reference_run, run_main
 
 import jpeft
 from models import hf, llama
@@ -27,8 +25,8 @@ from train.cli import build_parser, run_config
 MODEL = "assets/tiny-llama"
 
 
-def test_train_reports_and_saves_everything(lora_run):
-    stdout, out = lora_run
+def test_train_reports_and_saves_everything():
+    stdout, out = reference_run()
     assert "before training: eval loss" in stdout and "accuracy" in stdout
     assert "after training: eval loss" in stdout
     assert "sample: " in stdout and "adapter (peft format)" in stdout
@@ -88,8 +86,8 @@ def test_config_file_then_flags(tmp_path, suffix):
     assert run_config(args).options()["targets"] == ("v_proj",)
 
 
-def test_generate_and_eval_commands(lora_run):
-    _, out = lora_run
+def test_generate_and_eval_commands():
+    _, out = reference_run()
     code, stdout, _ = run_main(
         "generate", "--run", str(out), "--prompt", "Hello", "--max-new-tokens", "4"
     )
@@ -98,8 +96,8 @@ def test_generate_and_eval_commands(lora_run):
     assert code == 0 and "accuracy" in stdout and "/4)" in stdout
 
 
-def test_export_loads_in_peft_and_transformers(lora_run, tmp_path):
-    _, out = lora_run
+def test_export_loads_in_peft_and_transformers(tmp_path):
+    _, out = reference_run()
     code, _, err = run_main("export", "--run", str(out), "--out", str(tmp_path / "adapter"))
     assert code == 0, err
     code, _, err = run_main(
@@ -123,15 +121,26 @@ def test_export_loads_in_peft_and_transformers(lora_run, tmp_path):
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("spec", [s for s in methods.SPECS if s.available()], ids=lambda s: s.name)
-def test_every_method_builds_from_flags_and_inits(spec):
-    cfg = tiny_config(num_hidden_layers=2)
-    flags = {"prefix": ["--prefix-num-virtual-tokens", "3"], "qlora": ["--qlora-blocksize", "32"]}
-    args = build_parser().parse_args(["train", "--method", spec.name, *flags.get(spec.name, [])])
-    run = run_config(args)
-    method = build.method(run)
-    params = build.init_params(run, method, llama.init_params(jax.random.key(0), cfg), cfg)
-    trainable, _ = jpeft.split(params)
-    assert 0 < build.count(trainable) < build.count(params)
-    if spec.name == "prefix":
-        assert method.num_virtual_tokens == 3
+ONE_FLAG = {
+    "lora": ("--lora-r", "4", "r", 4),
+    "qlora": ("--qlora-blocksize", "32", "blocksize", 32),
+    "adapter": ("--adapter-reduction-factor", "8", "reduction_factor", 8),
+    "llama-adapter": ("--llama-adapter-adapter-len", "5", "adapter_len", 5),
+    "prefix": ("--no-prefix-prefix-projection", None, "prefix_projection", False),
+    "prompt": ("--prompt-num-virtual-tokens", "3", "num_virtual_tokens", 3),
+    "ptuning": ("--ptuning-encoder-type", "LSTM", "encoder_type", "LSTM"),
+    "ptuning-v2": ("--ptuning-v2-num-virtual-tokens", "7", "num_virtual_tokens", 7),
+}
+
+
+def test_every_method_has_a_case():
+    assert sorted(ONE_FLAG) == sorted(methods.METHODS)
+
+
+@pytest.mark.parametrize("name", list(ONE_FLAG))
+def test_every_method_is_built_from_its_flags(name):
+    flag, value, option, expected = ONE_FLAG[name]
+    argv = ["train", "--method", name, flag, *([value] if value else [])]
+    method = build.method(run_config(build_parser().parse_args(argv)))
+    assert type(method) is methods.METHODS[name].load()
+    assert getattr(method, option) == expected

@@ -36,7 +36,7 @@ def bad_jsonl(tmp_path):
 
 def unknown_key_config(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text("lerning_rate = 0.1\n")
+    path.write_text("stpes = 10\n")
     return str(path)
 
 
@@ -45,7 +45,7 @@ CASES = {
     "malformed jsonl": (lambda p: ["--train-data", bad_jsonl(p)], "bad.jsonl:3: invalid JSON"),
     "unknown config key": (
         lambda p: ["--config", unknown_key_config(p)],
-        "unknown option 'lerning_rate'; did you mean 'lr'",
+        "unknown option 'stpes'; did you mean 'steps'",
     ),
     "seq_len over context": (lambda p: ["--seq-len", "100000"], "longer than the model's context"),
     "example over seq_len": (lambda p: ["--seq-len", "8"], "more than the maximum of 8"),

@@ -84,7 +84,13 @@ SPECS: tuple[MethodSpec, ...] = (
     ),
     MethodSpec("llama-adapter", "jpeft.adapters:LlamaAdapter", 1e-2, {"adapter_layers": 2}),
     MethodSpec("prefix", "jpeft:PrefixTuning", 1e-2, {"num_virtual_tokens": 10}),
-    MethodSpec("prompt", "jpeft:PromptTuning", 3e-2, {"num_virtual_tokens": 10}, packing=False),
+    MethodSpec(
+        "prompt",
+        "jpeft:PromptTuning",
+        3e-2,
+        {"num_virtual_tokens": 10, "prompt_init": "SAMPLE_VOCAB"},
+        packing=False,
+    ),
     MethodSpec("ptuning", "jpeft:PTuning", 1e-2, {"num_virtual_tokens": 10}, packing=False),
     MethodSpec("ptuning-v2", "jpeft:PTuningV2", 1e-2, {"num_virtual_tokens": 10}),
 )
