@@ -26,13 +26,15 @@ def test_sigint_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGINT)  # lands while step 1 compiles: stop after step 1
     code, stdout, stderr = finish(proc)
     assert code == 130, stderr
-    assert "interrupted at step 1;" in stdout and f"jpeft train --resume {out}" in stdout
-    assert os.listdir(out / "checkpoints") == ["1"]
+    (saved,) = os.listdir(out / "checkpoints")
+    assert int(saved) in (1, 2), "stopped at the first step boundary after Ctrl-C"
+    assert f"interrupted at step {saved};" in stdout
+    assert f"jpeft train --resume {out}" in stdout
 
     code, stdout, stderr = run_main("train", "--resume", str(out))
     assert code == 0, stderr
-    assert f"resumed {out} at step 1" in stdout and "after training" in stdout
-    assert sorted(os.listdir(out / "checkpoints")) == ["1", "3"]
+    assert f"resumed {out} at step {saved}" in stdout and "after training" in stdout
+    assert sorted(os.listdir(out / "checkpoints")) == [saved, "3"]
     assert_same_adapter(out, reference)
     assert train_losses(out) == train_losses(reference)
 

@@ -32,7 +32,17 @@ def test_sharded_over_8_devices_equals_one_device(tmp_path):
     out = tmp_path / "sharded"
     mesh = "data=2,fsdp=2,tensor=2"
     code, stdout, stderr = finish(
-        start_cli("train", *FAST, "--mesh", mesh, "--output-dir", str(out), devices=8)
+        start_cli(
+            "train",
+            *FAST,
+            "--eval-samples",
+            "0",
+            "--mesh",
+            mesh,
+            "--output-dir",
+            str(out),
+            devices=8,
+        )
     )
     assert code == 0, stderr
     assert "after training" in stdout

@@ -59,6 +59,7 @@ def train(run: RunConfig, resume: str | None = None) -> Outcome:
         >>> outcome.status, outcome.step  # doctest: +SKIP
         ('done', 3)
     """
+    started_at = time.perf_counter()
     path, cfg, tokenizer = load_config_and_tokenizer(run.model)
     method = build.method(run, tokenizer)
     dataset = load_data(run, tokenizer, cfg)
@@ -177,6 +178,7 @@ def train(run: RunConfig, resume: str | None = None) -> Outcome:
         **sizes,
         "step_time_s": float(np.median(times[1:] or times)) if times else None,
         "peak_memory": peak_memory_bytes(),
+        "wall_s": time.perf_counter() - started_at,
     }
     trained = jpeft.combine(to_host(state.trainable), frozen)
     finish(out, run, method, trained, cfg, path, before, after, stats)

@@ -27,7 +27,8 @@ class MethodSpec:
     Attributes:
         name: the ``--method`` value.
         target: ``"module:Class"`` of the jpeft method dataclass.
-        lr: default peak learning rate for it (soft prompts want far larger ones).
+        lr: default peak learning rate (the best of a small sweep on the bundled task;
+            soft prompts and gated prompts want far larger ones than LoRA).
         defaults: our defaults over the class's, tuned for the bundled tiny task.
         packing: False when packed rows are impossible (soft prompts are prepended
             once per row), so batches are padded instead.
@@ -78,21 +79,21 @@ SPECS: tuple[MethodSpec, ...] = (
     MethodSpec(
         "adapter",
         "jpeft.adapters:Adapter",
-        3e-3,
+        1e-2,
         {"bottleneck": 32},
         exclusive=(("bottleneck", "reduction_factor"),),
     ),
-    MethodSpec("llama-adapter", "jpeft.adapters:LlamaAdapter", 1e-2, {"adapter_layers": 2}),
+    MethodSpec("llama-adapter", "jpeft.adapters:LlamaAdapter", 1e-1, {"adapter_layers": 2}),
     MethodSpec("prefix", "jpeft:PrefixTuning", 1e-2, {"num_virtual_tokens": 10}),
     MethodSpec(
         "prompt",
         "jpeft:PromptTuning",
-        3e-2,
+        1e-1,
         {"num_virtual_tokens": 10, "prompt_init": "SAMPLE_VOCAB"},
         packing=False,
     ),
     MethodSpec("ptuning", "jpeft:PTuning", 1e-2, {"num_virtual_tokens": 10}, packing=False),
-    MethodSpec("ptuning-v2", "jpeft:PTuningV2", 1e-2, {"num_virtual_tokens": 10}),
+    MethodSpec("ptuning-v2", "jpeft:PTuningV2", 1e-1, {"num_virtual_tokens": 10}),
 )
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in SPECS}
 

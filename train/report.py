@@ -49,6 +49,7 @@ def finish(
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
         "adapter": adapter,
+        "wall_s": stats["wall_s"],
     }
     if is_main():
         jpeft.save_hf_adapter(adapter, method, params, cfg, base_model_name_or_path=model_path)
@@ -61,6 +62,7 @@ def finish(
     for prompt, output, expected in after.samples[:SAMPLES_SHOWN]:
         mark = "ok" if output == expected.strip() else "wrong"
         say(f"sample: {prompt!r} -> {output!r} (expected {expected!r}: {mark})")
+    say(f"done in {stats['wall_s']:.0f}s")
     return summary
 
 
