@@ -227,9 +227,9 @@ def test_corrupt_files_are_named(tmp_path, damage, message):
 
 def test_quantizer_hook_gets_each_layer_kernel(tmp_path, monkeypatch):
     cfg, params = _saved(tmp_path)
+    monkeypatch.setattr(hf, "QUANTIZERS", {})  # as before anything registered "nf4"
     with pytest.raises(ValueError, match=r"needs jpeft\.quant"):
         hf.load_pretrained(tmp_path, quantize="nf4")
-    monkeypatch.setattr(hf, "QUANTIZERS", {})
     seen = []
 
     def halves(kernel, module):
