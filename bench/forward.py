@@ -10,47 +10,17 @@ intra-op threads. Prints a markdown table and the command that produced it::
 
 from __future__ import annotations
 
-import argparse
-import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 
-
-def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--repeats", type=int, default=10)
-    return parser.parse_args()
-
-
-def _seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` after two warm-up calls (compilation, caches)."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from common import config_from, model_parser, pin_threads, seconds_per_call
 
 
 def main() -> None:
-    args = _parse()
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    args = model_parser(__doc__.splitlines()[0], repeats=10).parse_args()
+    pin_threads(args.threads)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -58,18 +28,9 @@ def main() -> None:
     import transformers
 
     from models import hf, llama
-    from models.config import LlamaConfig
 
     torch.set_num_threads(args.threads)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq),
-    )
+    cfg = config_from(args)
     params = llama.init_params(jax.random.key(0), cfg)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp, cfg, params)
@@ -87,10 +48,10 @@ def main() -> None:
     ours, ref = np.asarray(forward(params, jax_ids)), run_torch().numpy()
     err = np.abs(ours - ref).max() / np.abs(ref).max()
     rows = {
-        "jpeft (jax.jit, XLA)": _seconds_per_call(
+        "jpeft (jax.jit, XLA)": seconds_per_call(
             lambda: forward(params, jax_ids).block_until_ready(), args.repeats
         ),
-        f"transformers (torch eager, {model.config._attn_implementation})": _seconds_per_call(
+        f"transformers (torch eager, {model.config._attn_implementation})": seconds_per_call(
             run_torch, args.repeats
         ),
     }

@@ -9,33 +9,16 @@ a markdown table and the command that produced it::
 
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
 import sys
 import tempfile
 
-from forward import _seconds_per_call
-
-
-def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--repeats", type=int, default=5)
-    return parser.parse_args()
+from common import config_from, model_parser, pin_threads, seconds_per_call
 
 
 def main() -> None:
-    args = _parse()
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    args = model_parser(__doc__.splitlines()[0], repeats=5).parse_args()
+    pin_threads(args.threads)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -46,19 +29,10 @@ def main() -> None:
 
     import jpeft
     from models import hf, llama
-    from models.config import LlamaConfig
     from train import TrainState, train_step
 
     torch.set_num_threads(args.threads)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq),
-    )
+    cfg = config_from(args)
     base = llama.init_params(jax.random.key(0), cfg)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp, cfg, base)
@@ -90,8 +64,8 @@ def main() -> None:
         jax.block_until_ready(metrics["loss"])
 
     rows = {
-        "jpeft LoRA (jax.jit)": _seconds_per_call(jpeft_step, args.repeats),
-        "peft LoRA + transformers (torch eager)": _seconds_per_call(peft_step, args.repeats),
+        "jpeft LoRA (jax.jit)": seconds_per_call(jpeft_step, args.repeats),
+        "peft LoRA + transformers (torch eager)": seconds_per_call(peft_step, args.repeats),
     }
     tokens = args.batch * args.seq
     ref = rows["peft LoRA + transformers (torch eager)"]

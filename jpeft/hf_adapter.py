@@ -7,10 +7,11 @@ import os
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from jpeft.method import Method, Params, method_for
 from models.config import LlamaConfig
+from models.safetensors_io import SafetensorsFile
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,7 +67,9 @@ def load_hf_adapter(
     weights = os.path.join(adapter_dir, WEIGHTS_NAME)
     if not os.path.exists(weights):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
-    tensors = load_file(weights)
+    with SafetensorsFile(weights) as f:  # reads bf16 too, and names a corrupt file
+        names = f.keys()  # a list; SafetensorsFile is not iterable
+        tensors = {key: f.read(key) for key in names}
     return method_for(config["peft_type"]).from_peft(config, tensors, params, cfg)
 
 

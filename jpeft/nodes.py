@@ -96,6 +96,12 @@ class Trained(Node):
     def merged(self) -> jax.Array:
         return self.value
 
+    def logical_axes(self, base: tuple[str | None, ...] | None) -> Any:
+        """A fully trained tensor shards exactly like the tensor it replaces."""
+        if base is None or self.value is None or len(base) != self.value.ndim:
+            return super().logical_axes(base)
+        return Trained(tuple(base))
+
 
 @dense.register(Trained)
 def _dense_trained(w: Trained) -> jax.Array:

@@ -64,7 +64,7 @@ def hf_state_dict(params: dict[str, Any], cfg: LlamaConfig) -> dict[str, np.ndar
     first to be explicit); entries a plain LLaMA has no place for (adapters,
     prompts, prefixes) raise ``ValueError``: they cannot be merged.
     """
-    _check_mergeable(params)
+    check_placed(params, cfg)
     out = {}
     for key, path, layer, transposed in tensor_slots(cfg):
         node: Any = params
@@ -75,27 +75,36 @@ def hf_state_dict(params: dict[str, Any], cfg: LlamaConfig) -> dict[str, np.ndar
     return out
 
 
-_BASE_ENTRIES = {
-    "embed_tokens": None,
-    "norm": None,
-    "lm_head": None,
-    "layers": {"input_layernorm", "post_attention_layernorm", "self_attn", "mlp"},
-}
+def check_placed(params: dict[str, Any], cfg: LlamaConfig) -> None:
+    """Every params entry must be a tensor slot of ``cfg`` and every slot present."""
+    slots = {path for _, path, _, _ in tensor_slots(cfg)}
+    prefixes = {path[:i] for path in slots for i in range(len(path))}
+    extra: list[str] = []
 
+    def walk(node: Any, at: tuple) -> None:
+        if at in slots:
+            return
+        if at in prefixes and isinstance(node, dict):
+            for name, child in node.items():
+                walk(child, (*at, name))
+        else:
+            extra.append(f"{'/'.join(at)} ({type(node).__name__})")
 
-def _check_mergeable(params: dict[str, Any]) -> None:
-    extra = [k for k in params if k not in _BASE_ENTRIES]
-    extra += [f"layers/{k}" for k in params.get("layers", {}) if k not in _BASE_ENTRIES["layers"]]
+    walk(params, ())
     if extra:
-        kinds = {k: type(_get(params, k)).__name__ for k in extra}
         raise ValueError(
-            f"cannot write a plain LLaMA checkpoint: {kinds} have no place in it "
-            "(they add computation that cannot be folded into the base weights)"
+            f"cannot write a plain LLaMA checkpoint: {extra} have no place in it for this "
+            "config (they add computation that cannot be folded into the base weights, or "
+            "the config lacks the bias/lm_head they fill)"
         )
+    missing = ["/".join(path) for path in slots if not _has(params, path)]
+    if missing:
+        raise ValueError(f"params lack {missing}, which the config requires")
 
 
-def _get(params: dict[str, Any], path: str) -> Any:
-    node: Any = params
-    for part in path.split("/"):
-        node = node[part]
-    return node
+def _has(tree: Any, path: tuple) -> bool:
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True

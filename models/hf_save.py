@@ -23,7 +23,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from models.config import LlamaConfig
-from models.hf_names import tensor_slots
+from models.hf_names import check_placed, tensor_slots
 from models.linear import dense
 from models.safetensors_io import write_file
 
@@ -68,7 +68,7 @@ def save_pretrained(
         >>> transformers.LlamaForCausalLM.from_pretrained("out/merged")  # doctest: +SKIP
     """
     path = os.fspath(path)
-    _check_placed(params, cfg)
+    check_placed(params, cfg)
     tokenizer_files = [] if tokenizer_dir is None else _tokenizer_files(os.fspath(tokenizer_dir))
     specs, produce = _tensor_specs(params, cfg, dtype)
     shards = _plan_shards(specs, _parse_size(max_shard_size))
@@ -119,33 +119,6 @@ def _tensor_specs(
         out = jax.eval_shape(lambda key=key: compute(key))
         specs.append((key, out.shape, np.dtype(out.dtype)))
     return specs, lambda key: np.asarray(jax.device_get(compute(key)))
-
-
-def _check_placed(params: dict[str, Any], cfg: LlamaConfig) -> None:
-    """Every params entry must be a tensor slot of ``cfg`` and every slot present."""
-    slots = {path for _, path, _, _ in tensor_slots(cfg)}
-    prefixes = {path[:i] for path in slots for i in range(len(path))}
-    extra: list[str] = []
-
-    def walk(node: Any, at: tuple) -> None:
-        if at in slots:
-            return
-        if at in prefixes and isinstance(node, dict):
-            for name, child in node.items():
-                walk(child, (*at, name))
-        else:
-            extra.append(f"{'/'.join(at)} ({type(node).__name__})")
-
-    walk(params, ())
-    if extra:
-        raise ValueError(
-            f"cannot write a plain LLaMA checkpoint: {extra} have no place in it for this "
-            "config (they add computation that cannot be folded into the base weights, or "
-            "the config lacks the bias/lm_head they fill)"
-        )
-    missing = ["/".join(path) for path in slots if not _has(params, path)]
-    if missing:
-        raise ValueError(f"params lack {missing}, which the config requires")
 
 
 def _plan_shards(specs: list[Spec], max_bytes: int) -> dict[str, list[Spec]]:
@@ -203,11 +176,3 @@ def _tokenizer_files(src: str) -> list[str]:
     if not paths:
         raise ValueError(f"tokenizer_dir={src!r} holds none of {list(TOKENIZER_FILES)}")
     return paths
-
-
-def _has(tree: Any, path: tuple) -> bool:
-    for part in path:
-        if not isinstance(tree, dict) or part not in tree:
-            return False
-        tree = tree[part]
-    return True

@@ -1,14 +1,13 @@
 """Bit-exact parity of jpeft.quant.dynamic with bitsandbytes' CPU backend."""
 
+import bitsandbytes.functional as bnbf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from jpeft.quant.dynamic import dequantize_blockwise, dynamic_map, quantize_blockwise
-
-torch = pytest.importorskip("torch")
-bnbf = pytest.importorskip("bitsandbytes.functional")
 
 # Every documented blocksize; all but one case end in a partial block.
 CASES = [

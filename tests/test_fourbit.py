@@ -1,9 +1,11 @@
 """Bit-exact parity of jpeft.quant 4-bit (NF4/FP4) and double quantization with bitsandbytes."""
 
+import bitsandbytes.functional as bnbf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from jpeft.quant import (
     FP4_TABLE,
@@ -22,9 +24,6 @@ from jpeft.quant import (
     torch_mean,
     torch_sum,
 )
-
-torch = pytest.importorskip("torch")
-bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,14 @@
 """AdamW with 8-bit states: bitsandbytes parity, fp32-AdamW tracking, state size."""
 
+import bitsandbytes as bnb
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 from jpeft.optim import QuantizedMoment, adamw_8bit, scale_by_adam_8bit
-
-torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
 
 
 def _state_bytes(state) -> int:
