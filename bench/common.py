@@ -1,12 +1,17 @@
-"""What the CPU benchmarks share: the model-size options, CPU pinning and timing."""
+"""What the CPU benchmarks share: model-size options, CPU pinning, timing, peak memory."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def model_parser(description: str, repeats: int) -> argparse.ArgumentParser:
@@ -55,3 +60,41 @@ def config_from(args: argparse.Namespace):
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=max(2048, args.seq),
     )
+
+
+def write_checkpoint(path: str, cfg) -> None:
+    """Save a LLaMA of numpy-random fp32 weights (std 0.02) to ``path`` as an HF directory.
+
+    Nothing big is kept after it returns, and no JAX computation runs.
+    """
+    import jax
+    import numpy as np
+
+    from models import hf, llama
+
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg))
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.02, shapes)
+    hf.save_pretrained(path, cfg, params)
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: ``VmHWM`` (unlike ``ru_maxrss``, reset by exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def run_self(*extra: str) -> dict[str, Any]:
+    """Run this script again in a fresh process, with its own arguments plus ``extra``.
+
+    The child prints a JSON object as its last line of output; that object is returned.
+    Being a fresh process, the child's :func:`peak_rss` is its own.
+    """
+    argv = [sys.executable, sys.argv[0], *sys.argv[1:], *extra]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -19,8 +19,9 @@ class QLoRA(LoRA):
 
     Embeddings, ``lm_head`` and norms stay as they are. The adapter is a plain LoRA
     adapter, so peft loads it over a bitsandbytes 4-bit model (``peft_type`` LORA).
-    Params loaded with ``hf.load_pretrained(..., quantize="nf4")`` are already
-    quantized and are left as they are.
+    Kernels that are already quantized (``hf.load_pretrained(..., quantize="nf4")``, a
+    bitsandbytes 4-bit checkpoint) are kept if they use this method's settings; other
+    settings raise rather than being silently kept or requantized.
 
     Example:
         >>> method = QLoRA(r=64, alpha=16, dropout=0.1, targets="all-linear")
@@ -40,9 +41,28 @@ def quantize_linears(params: Params, method: QLoRA) -> Params:
     layers = {group: dict(entries) for group, entries in params["layers"].items()}
     for module in PROJECTIONS:
         entry = dict(layers[group_of(module)][module])
-        if not isinstance(entry["kernel"], QuantizedWeight):
+        kernel = entry["kernel"]
+        if isinstance(kernel, QuantizedWeight):
+            _check_settings(kernel, method, module)
+        else:
             entry["kernel"] = quantize(
-                entry["kernel"], method.quant_type, method.blocksize, method.double_quant
+                kernel, method.quant_type, method.blocksize, method.double_quant
             )
         layers[group_of(module)][module] = entry
     return {**params, "layers": layers}
+
+
+def _check_settings(kernel: QuantizedWeight, method: QLoRA, module: str) -> None:
+    found = dict(
+        quant_type=kernel.quant_type,
+        blocksize=kernel.blocksize,
+        double_quant=kernel.offset is not None,
+    )
+    wanted = dict(
+        quant_type=method.quant_type, blocksize=method.blocksize, double_quant=method.double_quant
+    )
+    if found != wanted:
+        raise ValueError(
+            f"QLoRA: {module} is already quantized with {found}, but the method asks for "
+            f"{wanted}; use QLoRA with the base's settings, or load the base unquantized"
+        )

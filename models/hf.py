@@ -7,7 +7,10 @@ donated update. Host memory beyond the final params stays at about one chunk, pl
 one layer's kernel when a quantizer is used (``bench/load_memory.py`` measures it).
 
 Quantization plugs in through :func:`register_quantizer`; ``jpeft.quant``
-registers ``"nf4"``. :func:`save_pretrained` lives in :mod:`models.hf_save`.
+registers ``"nf4"``. Pre-quantized checkpoints plug in through
+:func:`models.packed.register_packed_format` (``jpeft.quant`` registers bitsandbytes
+4-bit): their packed weights load as they are, one layer at a time.
+:func:`save_pretrained` lives in :mod:`models.hf_save`.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from models.config import LlamaConfig
-from models.hf_names import tensor_slots
+from models.hf_names import PROJECTIONS, hf_key, tensor_slots
 from models.hf_save import save_pretrained
 from models.llama import Params, init_params
+from models.packed import PackedFormat, packed_format
 from models.safetensors_io import SafetensorsFile
 
 __all__ = ["QUANTIZERS", "Quantizer", "load_pretrained", "register_quantizer", "save_pretrained"]
@@ -66,20 +70,30 @@ def register_quantizer(name: str, fn: Quantizer) -> None:
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: DTypeLike = jnp.float32, quantize: str | None = None
+    path: str | os.PathLike,
+    dtype: DTypeLike = jnp.float32,
+    quantize: str | Quantizer | None = None,
 ) -> tuple[LlamaConfig, Params]:
     """Read an HF LLaMA directory: ``config.json`` plus ``model.safetensors`` or shards.
 
+    A pre-quantized checkpoint (``quantization_config`` in ``config.json``, e.g. a
+    bitsandbytes 4-bit model) keeps its packed weights as they are: they load as
+    weight nodes without requantizing.
+
     Args:
         path: the model directory.
-        dtype: dtype of every loaded param (checkpoints in any float dtype are cast).
-        quantize: name of a registered :data:`Quantizer` applied to each layer's
-            linear kernels (``"nf4"`` once ``jpeft.quant`` is imported), or None.
+        dtype: dtype of every loaded param (checkpoints in any float dtype are cast);
+            packed weights keep their own storage.
+        quantize: a registered :data:`Quantizer`'s name (``"nf4"`` once ``jpeft.quant``
+            is imported) or a :data:`Quantizer` itself, applied to each layer's
+            linear kernels; None to keep them dense.
 
     Raises:
         FileNotFoundError: no ``config.json`` or no safetensors weights.
         ValueError: missing, unexpected or misshaped tensors (naming file, key and
-            both shapes), a corrupt or truncated file, an unknown ``quantize``.
+            both shapes), a corrupt or truncated file, an unknown ``quantize``, an
+            unsupported ``quantization_config``, ``quantize`` on a checkpoint whose
+            weights are already packed.
 
     Example:
         >>> cfg, params = load_pretrained("Llama-3.2-1B", dtype=jnp.bfloat16)  # doctest: +SKIP
@@ -88,20 +102,27 @@ def load_pretrained(
     """
     quantizer = _quantizer(quantize)
     cfg = LlamaConfig.from_json(path)
+    path = os.fspath(path)
     shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
-    files = _weight_files(os.fspath(path))
+    files = _weight_files(path)
     readers = {name: SafetensorsFile(os.path.join(path, name)) for name in set(files.values())}
     try:
-        _check(os.fspath(path), cfg, shapes, files, readers)
-        return cfg, _assemble(cfg, shapes, files, readers, dtype, quantizer)
+        source = _Source(files, readers, packed_format(path))
+        _check(path, cfg, shapes, source)
+        if quantizer is not None and source.packed:
+            raise ValueError(
+                f"{path}: the checkpoint's linear weights are already quantized "
+                f"(quantization_config in config.json); load it without quantize={quantize!r}"
+            )
+        return cfg, _assemble(cfg, shapes, source, dtype, quantizer)
     finally:
         for reader in readers.values():
             reader.close()
 
 
-def _quantizer(quantize: str | None) -> Quantizer | None:
-    if quantize is None:
-        return None
+def _quantizer(quantize: str | Quantizer | None) -> Quantizer | None:
+    if quantize is None or callable(quantize):
+        return quantize
     if quantize not in QUANTIZERS:
         raise ValueError(
             f"quantize={quantize!r} has no registered quantizer (registered: "
@@ -141,41 +162,100 @@ def _ignored(key: str, cfg: LlamaConfig) -> bool:
     )
 
 
-def _check(
-    path: str,
-    cfg: LlamaConfig,
-    shapes: Params,
-    files: dict[str, str],
-    readers: dict[str, SafetensorsFile],
-) -> None:
-    """Raise one ValueError listing every missing, unexpected or misshaped tensor."""
+class _Source:
+    """The checkpoint's tensors: which file holds each key, and which weights are packed."""
+
+    def __init__(
+        self, files: dict[str, str], readers: dict[str, SafetensorsFile], fmt: PackedFormat | None
+    ) -> None:
+        self.files, self.readers, self.format = files, readers, fmt
+        self.packed: set[str] = set()  # weight keys stored packed (found by _check)
+
+    def reader(self, key: str) -> SafetensorsFile:
+        return self.readers[self.files[key]]
+
+    def is_packed(self, key: str, path: tuple, layer: int | None) -> bool:
+        """Whether a present tensor is a packed linear kernel of a decoder layer."""
+        if self.format is None or layer is None or path[-1] != "kernel":
+            return False
+        return self.format.is_packed(self.reader(key).dtype(key))
+
+    def unpack(self, key: str, shape: tuple[int, int]) -> Any:
+        """One layer's packed weight node (its tensors read whole: they are 4-bit small)."""
+        names = (key, *self.format.parts(key))
+        return self.format.unpack(
+            key, {name: self.reader(name).read(name) for name in names}, shape
+        )
+
+
+def _check(path: str, cfg: LlamaConfig, shapes: Params, source: _Source) -> None:
+    """Raise one ValueError listing every missing, unexpected or misshaped tensor.
+
+    Records the packed weights in ``source.packed``.
+    """
     problems = []
     expected = set()
     for key, entry, layer, transposed in tensor_slots(cfg):
         expected.add(key)
         stacked = functools.reduce(operator.getitem, entry, shapes).shape
         want = _hf_shape(stacked, layer, transposed)
-        if key not in files:
-            problems.append(f"missing tensor {key!r} (expected shape {list(want)})")
-            continue
-        reader = readers[files[key]]
-        if key not in reader:
-            problems.append(f"{reader.path}: the index lists {key!r} but the file lacks it")
-            continue
-        found = reader.shape(key)
-        if found != want:
-            problems.append(
-                f"{reader.path}: tensor {key!r} has shape {list(found)}, expected {list(want)}"
-            )
-        if not jnp.issubdtype(reader.dtype(key), jnp.floating):
-            problems.append(f"{reader.path}: tensor {key!r} has dtype {reader.dtype(key)}")
-    for key in sorted(set(files) - expected):
+        problem = _presence(key, source)
+        if problem:
+            problems.append(problem)
+        elif source.is_packed(key, entry, layer):
+            source.packed.add(key)
+            parts = source.format.parts(key)
+            expected.update(parts)
+            problems += [
+                f"{p} (part of the packed weight {key!r})" for p in _missing(parts, source)
+            ]
+        else:
+            problems += _misfit(key, want, source.reader(key))
+    problems += _mixed_packing(cfg, source.packed)
+    for key in sorted(set(source.files) - expected):
         if not _ignored(key, cfg):
-            problems.append(f"{readers[files[key]].path}: unexpected tensor {key!r}")
+            problems.append(f"{source.reader(key).path}: unexpected tensor {key!r}")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{path}: checkpoint does not match its config.json:\n  {shown}{more}")
+
+
+def _presence(key: str, source: _Source) -> str | None:
+    if key not in source.files:
+        return f"missing tensor {key!r}"
+    if key not in source.reader(key):
+        return f"{source.reader(key).path}: the index lists {key!r} but the file lacks it"
+    return None
+
+
+def _missing(keys: tuple[str, ...], source: _Source) -> list[str]:
+    return [problem for key in keys if (problem := _presence(key, source))]
+
+
+def _misfit(key: str, want: tuple[int, ...], reader: SafetensorsFile) -> list[str]:
+    problems = []
+    found = reader.shape(key)
+    if found != want:
+        problems.append(
+            f"{reader.path}: tensor {key!r} has shape {list(found)}, expected {list(want)}"
+        )
+    if not jnp.issubdtype(reader.dtype(key), jnp.floating):
+        problems.append(f"{reader.path}: tensor {key!r} has dtype {reader.dtype(key)}")
+    return problems
+
+
+def _mixed_packing(cfg: LlamaConfig, packed: set[str]) -> list[str]:
+    """A projection must be packed in every layer or in none (layers are stacked)."""
+    problems = []
+    for module in PROJECTIONS:
+        layers = [i for i in range(cfg.num_hidden_layers) if hf_key(i, module) in packed]
+        if 0 < len(layers) < cfg.num_hidden_layers:
+            problems.append(
+                f"{module} is quantized in layers {layers} only; jpeft stacks the layers and "
+                "needs every layer's weight in the same format"
+            )
+    return problems
 
 
 def _hf_shape(stacked: tuple[int, ...], layer: int | None, transposed: bool) -> tuple[int, ...]:
@@ -184,20 +264,18 @@ def _hf_shape(stacked: tuple[int, ...], layer: int | None, transposed: bool) -> 
 
 
 def _assemble(
-    cfg: LlamaConfig,
-    shapes: Params,
-    files: dict[str, str],
-    readers: dict[str, SafetensorsFile],
-    dtype: DTypeLike,
-    quantizer: Quantizer | None,
+    cfg: LlamaConfig, shapes: Params, source: _Source, dtype: DTypeLike, quantizer: Quantizer | None
 ) -> Params:
     """Copy every tensor into its preallocated entry on the device, chunk by chunk."""
     entries: dict[tuple, jax.Array] = {}
     stacks: dict[tuple, _Stack] = {}
     for key, path, layer, transposed in tensor_slots(cfg):
-        reader = readers[files[key]]
+        reader = source.reader(key)
         shape = functools.reduce(operator.getitem, path, shapes).shape
-        if quantizer is not None and layer is not None and path[-1] == "kernel":
+        if key in source.packed:
+            stack = stacks.setdefault(path, _Stack(key, cfg.num_hidden_layers))
+            stack.put(layer, source.unpack(key, _hf_shape(shape, layer, transposed)))
+        elif quantizer is not None and layer is not None and path[-1] == "kernel":
             kernel = _read_into(jnp.zeros(shape[1:], dtype), (), reader, key, transposed)
             stack = stacks.setdefault(path, _Stack(key, cfg.num_hidden_layers))
             stack.put(layer, quantizer(kernel, path[-2]))

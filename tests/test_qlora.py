@@ -68,7 +68,8 @@ def test_bits_per_parameter(setup):
 def test_merge_into_nf4_base_gives_16_bit_weights(setup):
     cfg, params, _, ids, _ = setup
     adapted = jpeft.QLoRA(r=4, targets=("q_proj",)).init(jax.random.key(1), params, cfg)
-    merged = jpeft.merge(adapted)
+    with pytest.warns(UserWarning, match="quantizing the merged model again rounds"):
+        merged = jpeft.merge(adapted)
     assert not isinstance(merged["layers"]["self_attn"]["q_proj"]["kernel"], jpeft.Node)
     np.testing.assert_allclose(
         np.asarray(llama.forward(merged, cfg, jnp.asarray(ids))),

@@ -17,7 +17,7 @@ import numpy as np
 from models import hf
 from models.config import LlamaConfig
 from models.tokenizer import Tokenizer
-from train import data
+from train import data, methods
 from train.config import RunConfig, resolve_path
 
 Params = dict[str, Any]
@@ -68,13 +68,35 @@ def load_config_and_tokenizer(path: str) -> tuple[str, LlamaConfig, Tokenizer]:
 def load_weights(path: str, run: RunConfig) -> Params:
     """The base params in ``run.dtype``, quantized while loading if ``run.quantize`` says so.
 
+    With ``--method qlora`` the kernels are quantized with the method's own settings
+    (``--qlora-quant-type``, ``--qlora-blocksize``, ``--qlora-double-quant``), so
+    ``--quantize`` then only saves host memory while loading.
+
     Example:
         >>> params = load_weights("assets/tiny-llama", RunConfig())  # doctest: +SKIP
     """
-    if run.quantize is not None:
+    quantize: str | hf.Quantizer | None = run.quantize
+    if quantize is not None:
         import jpeft.quant  # noqa: F401  (registers the quantizers)
-    _, params = hf.load_pretrained(path, dtype=jnp.dtype(run.dtype), quantize=run.quantize)
+
+        if run.method == "qlora":
+            quantize = _qlora_quantizer(run)
+    _, params = hf.load_pretrained(path, dtype=jnp.dtype(run.dtype), quantize=quantize)
     return params
+
+
+def _qlora_quantizer(run: RunConfig) -> hf.Quantizer:
+    from jpeft import quant
+
+    qlora = methods.build(run.method, run.options(), None)
+    if qlora.quant_type != run.quantize:
+        raise ValueError(
+            f"--quantize {run.quantize} conflicts with --qlora-quant-type {qlora.quant_type}; "
+            "drop --quantize (qlora quantizes anyway) or make them agree"
+        )
+    return lambda kernel, module: quant.quantize(
+        kernel, qlora.quant_type, qlora.blocksize, qlora.double_quant
+    )
 
 
 def packing(run: RunConfig) -> bool:

@@ -28,6 +28,7 @@ one adapter index, -1 for the base alone).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -110,9 +111,17 @@ class LoRAWeight(Node):
 
         With adapters ``k`` (``L_k = scaling_k a_k b_k``; DoRA factor ``f_k``, 1 for
         plain LoRA): ``W' = W (1 + sum_k (f_k - 1)) + sum_k f_k L_k``, which is
-        exactly what :func:`matmul` computes.
+        exactly what :func:`matmul` computes. A packed base (an NF4 node) is dequantized
+        first, with a warning: the result is dense, and requantizing it would round.
         """
         base = dense(self.base)
+        if isinstance(self.base, Node):
+            warnings.warn(
+                f"merging LoRA into a {type(self.base).__name__} base gives a dense "
+                f"{base.dtype} weight; quantizing the merged model again rounds the adapter's "
+                "update away in part (outputs change): export it in 16 or 32 bits",
+                stacklevel=2,
+            )
         w = base.astype(jnp.float32)
         growth, added = _merge_terms(self.adapters, w)
         return (w * growth + added).astype(base.dtype)

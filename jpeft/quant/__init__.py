@@ -1,5 +1,10 @@
-"""bitsandbytes-compatible quantization: 4-bit NF4/FP4, double quantization, 8-bit dynamic."""
+"""bitsandbytes-compatible quantization: 4-bit NF4/FP4, double quantization, 8-bit dynamic.
 
+Importing it registers ``models.hf.load_pretrained(..., quantize="nf4")`` and the reader of
+pre-quantized bitsandbytes 4-bit checkpoints.
+"""
+
+from jpeft.quant.bnb_checkpoint import Bnb4bitFormat, bnb_4bit_format
 from jpeft.quant.double import (
     NESTED_BLOCKSIZE,
     bits_per_param,
@@ -36,8 +41,10 @@ __all__ = [
     "NESTED_BLOCKSIZE",
     "NF4_TABLE",
     "QUANT_TYPES",
+    "Bnb4bitFormat",
     "QuantizedWeight",
     "bits_per_param",
+    "bnb_4bit_format",
     "check_blocksize",
     "check_quant_type",
     "code_table",
@@ -70,8 +77,10 @@ def _quantize_on_load(kernel, module: str) -> QuantizedWeight:
 
 def _register_loader() -> None:
     from models.hf import register_quantizer
+    from models.packed import register_packed_format
 
     register_quantizer("nf4", _quantize_on_load)
+    register_packed_format("bitsandbytes", bnb_4bit_format)
 
 
 _register_loader()
