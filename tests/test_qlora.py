@@ -11,6 +11,8 @@ from conftest import hf_twin, sgd_train, tiny_config
 import jpeft
 from jpeft import quant
 from models import hf, llama
+from train.config import RunConfig
+from train.prepare import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +86,16 @@ def test_bad_blocksize_and_shape():
         quant.quantize(jnp.ones((128, 4)), "nf4", blocksize=48)
     with pytest.raises(ValueError, match="in_features"):
         quant.quantize(jnp.ones((96, 4)), "nf4", blocksize=64)
+
+
+def test_cli_quantize_on_load_uses_the_qlora_settings(setup):
+    _, _, path, _, _ = setup
+    options = {"qlora": {"blocksize": 32, "double_quant": False}}
+    run = RunConfig(method="qlora", quantize="nf4", method_options=options)
+    kernel = load_weights(str(path), run)["layers"]["mlp"]["up_proj"]["kernel"]
+    assert (kernel.blocksize, kernel.offset) == (32, None)
+    conflict = RunConfig(
+        method="qlora", quantize="nf4", method_options={"qlora": {"quant_type": "fp4"}}
+    )
+    with pytest.raises(ValueError, match="--quantize nf4 conflicts with --qlora-quant-type fp4"):
+        load_weights(str(path), conflict)
