@@ -201,7 +201,7 @@ def _check(path: str, cfg: LlamaConfig, shapes: Params, source: _Source) -> None
         want = _hf_shape(stacked, layer, transposed)
         problem = _presence(key, source)
         if problem:
-            problems.append(problem)
+            problems.append(f"{problem} (expected shape {list(want)})")
         elif source.is_packed(key, entry, layer):
             source.packed.add(key)
             parts = source.format.parts(key)
