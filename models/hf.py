@@ -16,7 +16,6 @@ registers ``"nf4"``. Pre-quantized checkpoints plug in through
 from __future__ import annotations
 
 import functools
-import json
 import math
 import operator
 import os
@@ -28,16 +27,14 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from models.config import LlamaConfig
-from models.hf_names import PROJECTIONS, hf_key, tensor_slots
+from models.hf_checkpoint import Checkpoint, hf_shape
+from models.hf_names import tensor_slots
 from models.hf_save import save_pretrained
 from models.llama import Params, init_params
-from models.packed import PackedFormat, packed_format
 from models.safetensors_io import SafetensorsFile
 
 __all__ = ["QUANTIZERS", "Quantizer", "load_pretrained", "register_quantizer", "save_pretrained"]
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 CHUNK_BYTES = 16 * 2**20  # host staging per read
 
 Quantizer = Callable[[jax.Array, str], Any]
@@ -102,22 +99,15 @@ def load_pretrained(
     """
     quantizer = _quantizer(quantize)
     cfg = LlamaConfig.from_json(path)
-    path = os.fspath(path)
     shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
-    files = _weight_files(path)
-    readers = {name: SafetensorsFile(os.path.join(path, name)) for name in set(files.values())}
-    try:
-        source = _Source(files, readers, packed_format(path))
-        _check(path, cfg, shapes, source)
-        if quantizer is not None and source.packed:
+    with Checkpoint(path) as ckpt:
+        ckpt.check(cfg, shapes)
+        if quantizer is not None and ckpt.packed:
             raise ValueError(
-                f"{path}: the checkpoint's linear weights are already quantized "
+                f"{ckpt.path}: the checkpoint's linear weights are already quantized "
                 f"(quantization_config in config.json); load it without quantize={quantize!r}"
             )
-        return cfg, _assemble(cfg, shapes, source, dtype, quantizer)
-    finally:
-        for reader in readers.values():
-            reader.close()
+        return cfg, _assemble(cfg, shapes, ckpt, dtype, quantizer)
 
 
 def _quantizer(quantize: str | Quantizer | None) -> Quantizer | None:
@@ -132,149 +122,22 @@ def _quantizer(quantize: str | Quantizer | None) -> Quantizer | None:
     return QUANTIZERS[quantize]
 
 
-def _weight_files(path: str) -> dict[str, str]:
-    """``{hf_key: file name}`` from the single file or the shard index (as transformers)."""
-    if os.path.isfile(os.path.join(path, SINGLE_FILE)):
-        with SafetensorsFile(os.path.join(path, SINGLE_FILE)) as f:
-            return dict.fromkeys(f.keys(), SINGLE_FILE)
-    index = os.path.join(path, INDEX_FILE)
-    if not os.path.isfile(index):
-        raise FileNotFoundError(
-            f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (found {sorted(os.listdir(path))})"
-        )
-    try:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from e
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not a dict")
-    for name in sorted(set(weight_map.values())):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"{index} lists shard {name!r}, which is not in {path}")
-    return dict(weight_map)
-
-
-def _ignored(key: str, cfg: LlamaConfig) -> bool:
-    """Tensors transformers also skips: cached RoPE tables, a tied model's lm_head."""
-    return key.endswith("rotary_emb.inv_freq") or (
-        cfg.tie_word_embeddings and key == "lm_head.weight"
-    )
-
-
-class _Source:
-    """The checkpoint's tensors: which file holds each key, and which weights are packed."""
-
-    def __init__(
-        self, files: dict[str, str], readers: dict[str, SafetensorsFile], fmt: PackedFormat | None
-    ) -> None:
-        self.files, self.readers, self.format = files, readers, fmt
-        self.packed: set[str] = set()  # weight keys stored packed (found by _check)
-
-    def reader(self, key: str) -> SafetensorsFile:
-        return self.readers[self.files[key]]
-
-    def is_packed(self, key: str, path: tuple, layer: int | None) -> bool:
-        """Whether a present tensor is a packed linear kernel of a decoder layer."""
-        if self.format is None or layer is None or path[-1] != "kernel":
-            return False
-        return self.format.is_packed(self.reader(key).dtype(key))
-
-    def unpack(self, key: str, shape: tuple[int, int]) -> Any:
-        """One layer's packed weight node (its tensors read whole: they are 4-bit small)."""
-        names = (key, *self.format.parts(key))
-        return self.format.unpack(
-            key, {name: self.reader(name).read(name) for name in names}, shape
-        )
-
-
-def _check(path: str, cfg: LlamaConfig, shapes: Params, source: _Source) -> None:
-    """Raise one ValueError listing every missing, unexpected or misshaped tensor.
-
-    Records the packed weights in ``source.packed``.
-    """
-    problems = []
-    expected = set()
-    for key, entry, layer, transposed in tensor_slots(cfg):
-        expected.add(key)
-        stacked = functools.reduce(operator.getitem, entry, shapes).shape
-        want = _hf_shape(stacked, layer, transposed)
-        problem = _presence(key, source)
-        if problem:
-            problems.append(f"{problem} (expected shape {list(want)})")
-        elif source.is_packed(key, entry, layer):
-            source.packed.add(key)
-            parts = source.format.parts(key)
-            expected.update(parts)
-            problems += [
-                f"{p} (part of the packed weight {key!r})" for p in _missing(parts, source)
-            ]
-        else:
-            problems += _misfit(key, want, source.reader(key))
-    problems += _mixed_packing(cfg, source.packed)
-    for key in sorted(set(source.files) - expected):
-        if not _ignored(key, cfg):
-            problems.append(f"{source.reader(key).path}: unexpected tensor {key!r}")
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(f"{path}: checkpoint does not match its config.json:\n  {shown}{more}")
-
-
-def _presence(key: str, source: _Source) -> str | None:
-    if key not in source.files:
-        return f"missing tensor {key!r}"
-    if key not in source.reader(key):
-        return f"{source.reader(key).path}: the index lists {key!r} but the file lacks it"
-    return None
-
-
-def _missing(keys: tuple[str, ...], source: _Source) -> list[str]:
-    return [problem for key in keys if (problem := _presence(key, source))]
-
-
-def _misfit(key: str, want: tuple[int, ...], reader: SafetensorsFile) -> list[str]:
-    problems = []
-    found = reader.shape(key)
-    if found != want:
-        problems.append(
-            f"{reader.path}: tensor {key!r} has shape {list(found)}, expected {list(want)}"
-        )
-    if not jnp.issubdtype(reader.dtype(key), jnp.floating):
-        problems.append(f"{reader.path}: tensor {key!r} has dtype {reader.dtype(key)}")
-    return problems
-
-
-def _mixed_packing(cfg: LlamaConfig, packed: set[str]) -> list[str]:
-    """A projection must be packed in every layer or in none (layers are stacked)."""
-    problems = []
-    for module in PROJECTIONS:
-        layers = [i for i in range(cfg.num_hidden_layers) if hf_key(i, module) in packed]
-        if 0 < len(layers) < cfg.num_hidden_layers:
-            problems.append(
-                f"{module} is quantized in layers {layers} only; jpeft stacks the layers and "
-                "needs every layer's weight in the same format"
-            )
-    return problems
-
-
-def _hf_shape(stacked: tuple[int, ...], layer: int | None, transposed: bool) -> tuple[int, ...]:
-    shape = stacked if layer is None else stacked[1:]
-    return shape[::-1] if transposed else shape
-
-
 def _assemble(
-    cfg: LlamaConfig, shapes: Params, source: _Source, dtype: DTypeLike, quantizer: Quantizer | None
+    cfg: LlamaConfig,
+    shapes: Params,
+    ckpt: Checkpoint,
+    dtype: DTypeLike,
+    quantizer: Quantizer | None,
 ) -> Params:
     """Copy every tensor into its preallocated entry on the device, chunk by chunk."""
     entries: dict[tuple, jax.Array] = {}
     stacks: dict[tuple, _Stack] = {}
     for key, path, layer, transposed in tensor_slots(cfg):
-        reader = source.reader(key)
+        reader = ckpt.reader(key)
         shape = functools.reduce(operator.getitem, path, shapes).shape
-        if key in source.packed:
+        if key in ckpt.packed:
             stack = stacks.setdefault(path, _Stack(key, cfg.num_hidden_layers))
-            stack.put(layer, source.unpack(key, _hf_shape(shape, layer, transposed)))
+            stack.put(layer, ckpt.unpack(key, hf_shape(shape, layer, transposed)))
         elif quantizer is not None and layer is not None and path[-1] == "kernel":
             kernel = _read_into(jnp.zeros(shape[1:], dtype), (), reader, key, transposed)
             stack = stacks.setdefault(path, _Stack(key, cfg.num_hidden_layers))
