@@ -10,6 +10,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jpeft.method import Method, Params, method_for
+from models.atomic import atomic_path
 from models.config import LlamaConfig
 from models.safetensors_io import SafetensorsFile
 
@@ -40,12 +41,10 @@ def save_hf_adapter(
         **method.peft_config(cfg),
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in method.peft_tensors(params, cfg).items()}
-    _atomic_write(
-        os.path.join(out_dir, WEIGHTS_NAME),
-        lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-    )
-    text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(os.path.join(out_dir, CONFIG_NAME), lambda path: _write_text(path, text))
+    with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(os.path.join(out_dir, CONFIG_NAME)) as tmp, open(tmp, "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))
 
 
 def load_hf_adapter(
@@ -71,14 +70,3 @@ def load_hf_adapter(
         names = f.keys()  # a list; SafetensorsFile is not iterable
         tensors = {key: f.read(key) for key in names}
     return method_for(config["peft_type"]).from_peft(config, tensors, params, cfg)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)

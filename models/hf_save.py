@@ -7,21 +7,20 @@ Every file is written to a temporary name in the target directory, then renamed.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import operator
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from jax.typing import DTypeLike
 
+from models.atomic import atomic_path
 from models.config import LlamaConfig
 from models.hf_names import check_placed, tensor_slots
 from models.linear import dense
@@ -75,7 +74,7 @@ def save_pretrained(
     os.makedirs(path, exist_ok=True)
     weight_map, total = {}, 0
     for name, shard in shards.items():
-        with _atomic(os.path.join(path, name)) as tmp:
+        with atomic_path(os.path.join(path, name)) as tmp:
             total += write_file(tmp, shard, produce)
         weight_map.update(dict.fromkeys((key for key, _, _ in shard), name))
     written = set(shards)
@@ -92,7 +91,7 @@ def save_pretrained(
     for src in tokenizer_files:
         dst = os.path.join(path, os.path.basename(src))
         if not (os.path.exists(dst) and os.path.samefile(src, dst)):
-            with _atomic(dst) as tmp:
+            with atomic_path(dst) as tmp:
                 shutil.copyfile(src, tmp)
 
 
@@ -152,21 +151,8 @@ def _parse_size(size: int | str) -> int:
     return value
 
 
-@contextlib.contextmanager
-def _atomic(final: str) -> Iterator[str]:
-    """Yield a temporary path next to ``final``; rename it to ``final`` on success."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(final: str, obj: dict) -> None:
-    with _atomic(final) as tmp, open(tmp, "w") as f:
+    with atomic_path(final) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
 
