@@ -2,9 +2,12 @@
 
 Writes a random LLaMA checkpoint (~300 MB fp32 by default) to a temporary directory,
 then loads it in a fresh subprocess and reports that process's peak RSS
-(``VmHWM``) above its RSS just before the call, less the params' own bytes (Linux)::
+(``VmHWM``) above its RSS just before the call, less the params' own bytes (Linux).
+With ``--quantize nf4`` every decoder linear is quantized (NF4 + double quantization)
+while it is streamed in, and "params returned" is the 4-bit model::
 
     python bench/load_memory.py --hidden 1024 --intermediate 2816 --layers 4 --vocab 12000
+    python bench/load_memory.py --quantize nf4
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 
@@ -20,54 +22,61 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import psutil
+from common import peak_rss, run_self, write_checkpoint
 
+import jpeft.quant  # registers the "nf4" quantizer of hf.load_pretrained
 from models import hf, llama
 from models.config import LlamaConfig
 
 MB = 2**20
 
 
-def write_checkpoint(path: str, cfg: LlamaConfig) -> None:
-    """A checkpoint of numpy-random fp32 weights (nothing big is kept after it returns)."""
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg))
-    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.02, shapes)
-    hf.save_pretrained(path, cfg, params)
-
-
-def measure(path: str) -> dict[str, float]:
+def measure(path: str, quantize: str | None) -> dict[str, float]:
     """Load ``path`` in this process and report RSS figures in MiB.
 
     JAX is initialized first (one tiny jit call): the XLA compiler's one-time ~50 MB
-    is paid by any JAX program and is not part of loading.
+    is paid by any JAX program and is not part of loading. What loading compiles (the
+    copy and quantization kernels, per distinct shape: a constant, not growing with the
+    number of layers) stays in "RSS after load"; "peak - after" is what loading held
+    only while it ran (staging buffers, one layer's kernel).
     """
     jax.jit(lambda x: x + 1)(np.ones(2)).block_until_ready()
     before = psutil.Process().memory_info().rss
-    cfg, params = hf.load_pretrained(path, dtype=jnp.float32)
+    cfg, params = hf.load_pretrained(path, dtype=jnp.float32, quantize=quantize)
     jax.block_until_ready(params)
-    peak = _peak_rss()
-    layer = sum(a.nbytes // cfg.num_hidden_layers for a in jax.tree.leaves(params["layers"]))
-    largest = max(
-        a.nbytes // a.shape[0] if a.ndim == 3 else a.nbytes for a in jax.tree.leaves(params)
-    )
-    total = sum(a.nbytes for a in jax.tree.leaves(params))
+    peak, after = peak_rss(), psutil.Process().memory_info().rss
+    total = jpeft.nbytes(params)
     return {
-        "params": total / MB,
-        "one layer": layer / MB,
-        "largest tensor": largest / MB,
+        "checkpoint (fp32)": _fp32_bytes(cfg) / MB,
+        "params returned": total / MB,
+        "one layer": jpeft.nbytes(params["layers"]) / cfg.num_hidden_layers / MB,
+        "largest tensor (fp32)": _largest_tensor_bytes(cfg) / MB,
         "RSS before load": before / MB,
+        "RSS after load": after / MB,
         "peak RSS": peak / MB,
         "peak - before - params": (peak - before - total) / MB,
+        "peak - after (transient)": (peak - after) / MB,
     }
 
 
-def _peak_rss() -> int:
-    """This process's peak RSS in bytes: ``VmHWM`` (unlike ``ru_maxrss``, reset by exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+def _fp32_bytes(cfg: LlamaConfig) -> int:
+    """Bytes of the model in fp32, as the checkpoint stores it."""
+    return 4 * sum(s.size for s in jax.tree.leaves(_shapes(cfg)))
+
+
+def _largest_tensor_bytes(cfg: LlamaConfig) -> int:
+    """Bytes of the largest single checkpoint tensor in fp32 (one layer's, for layer params)."""
+    shapes = _shapes(cfg)
+    per_layer = max(s.size for s in jax.tree.leaves(shapes["layers"])) // cfg.num_hidden_layers
+    others = [
+        s.size for key, tree in shapes.items() if key != "layers" for s in jax.tree.leaves(tree)
+    ]
+    return 4 * max(per_layer, *others)
+
+
+def _shapes(cfg: LlamaConfig) -> dict:
+    """The params' shapes; layer params are stacked ``[L, ...]``."""
+    return jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg))
 
 
 def main() -> None:
@@ -77,10 +86,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=12000)
+    parser.add_argument("--quantize", choices=["nf4"], help="quantize the linears while loading")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(args.measure, args.quantize)))
         return
     cfg = LlamaConfig(
         vocab_size=args.vocab,
@@ -91,10 +101,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, cfg)
-        out = subprocess.run(
-            [sys.executable, __file__, "--measure", tmp], check=True, capture_output=True, text=True
-        )
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+        figures = run_self("--measure", tmp)
     print(f"`{shlex.join(['python', *sys.argv])}`\n")
     print("| figure | MiB |\n|---|---:|")
     for name, value in figures.items():
