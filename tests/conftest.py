@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -86,3 +88,31 @@ def sgd_train(params, cfg: LlamaConfig, ids, steps: int = 10, lr: float = 0.1):
         losses.append(float(loss))
         trainable = jax.tree.map(lambda p, g: p - lr * g, trainable, grads)
     return jpeft.combine(trainable, frozen), losses
+
+
+def saved_nf4_base(tmp_path_factory) -> tuple[LlamaConfig, dict, pathlib.Path]:
+    """``(cfg, fp32 params, HF directory)`` of a tiny model whose linears NF4 can hold.
+
+    Every input width is a multiple of 64 (the NF4 block size of jpeft's kernel layout).
+    """
+    cfg = tiny_config(hidden_size=64, intermediate_size=128)
+    params = llama.init_params(jax.random.key(0), cfg)
+    path = tmp_path_factory.mktemp("base")
+    hf_twin(params, cfg).save_pretrained(path)
+    return cfg, params, path
+
+
+def bnb_4bit_model(
+    path, quant_type: str = "nf4", double_quant: bool = True, **config
+) -> transformers.LlamaForCausalLM:
+    """transformers + bitsandbytes 4-bit (CPU, fp32 compute) from an HF directory, eval mode."""
+    bnb = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+        **config,
+    )
+    return transformers.LlamaForCausalLM.from_pretrained(
+        path, quantization_config=bnb, device_map="cpu", dtype=torch.float32
+    ).eval()

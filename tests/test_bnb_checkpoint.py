@@ -9,40 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
-from conftest import hf_twin, tiny_config
+from conftest import bnb_4bit_model, saved_nf4_base
 from safetensors.numpy import load_file, save_file
 
 import jpeft
 from jpeft import quant
 from models import hf, llama
 
-CFG = tiny_config(hidden_size=64, intermediate_size=128)
-
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    params = llama.init_params(jax.random.key(0), CFG)
-    path = tmp_path_factory.mktemp("base")
-    hf_twin(params, CFG).save_pretrained(path)
-    return path
-
-
-def _bnb_model(base_dir, quant_type="nf4", double_quant=True, **config):
-    bnb = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch.float32,
-        **config,
-    )
-    return transformers.LlamaForCausalLM.from_pretrained(
-        base_dir, quantization_config=bnb, device_map="cpu", dtype=torch.float32
-    ).eval()
+    return saved_nf4_base(tmp_path_factory)[2]
 
 
 def _save_bnb(base_dir, out, **settings):
-    _bnb_model(base_dir, **settings).save_pretrained(out, **settings.pop("save", {}))
+    bnb_4bit_model(base_dir, **settings).save_pretrained(out, **settings.pop("save", {}))
     return out
 
 
@@ -72,16 +53,16 @@ def test_checkpoint_loads_as_our_own_quantization(base_dir, tmp_path, quant_type
 
 
 def test_logits_equal_transformers_bitsandbytes(base_dir, nf4_dir):
-    ids = np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 9))
+    ids = np.random.RandomState(0).randint(0, 97, (2, 9))
     with torch.no_grad():
-        ref = _bnb_model(base_dir)(torch.tensor(ids)).logits.numpy()
+        ref = bnb_4bit_model(base_dir)(torch.tensor(ids)).logits.numpy()
     cfg, params = hf.load_pretrained(nf4_dir)
     out = np.asarray(llama.forward(params, cfg, jnp.asarray(ids)))
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
 
 
 def test_sharded_checkpoint_loads_the_same(base_dir, nf4_dir, tmp_path):
-    sharded = _bnb_model(base_dir)
+    sharded = bnb_4bit_model(base_dir)
     sharded.save_pretrained(tmp_path, max_shard_size="20KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     _assert_identical(hf.load_pretrained(tmp_path)[1], hf.load_pretrained(nf4_dir)[1])

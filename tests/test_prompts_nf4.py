@@ -17,10 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import torch
-import transformers
 from bitsandbytes.nn import Linear4bit
-from conftest import hf_twin, sgd_train, tiny_config
+from conftest import bnb_4bit_model, saved_nf4_base, sgd_train
 from test_prompts_peft import _peft, _peft_greedy
 
 import jpeft
@@ -29,12 +27,6 @@ from models import hf, llama
 from models.generate import generate
 
 N = 3
-BNB = transformers.BitsAndBytesConfig(
-    load_in_4bit=True,
-    bnb_4bit_quant_type="nf4",
-    bnb_4bit_use_double_quant=True,
-    bnb_4bit_compute_dtype=torch.float32,
-)
 METHODS = {
     "prompt": jpeft.PromptTuning(num_virtual_tokens=N),
     "ptuning_mlp": jpeft.PTuning(num_virtual_tokens=N, encoder_hidden_size=8),
@@ -58,10 +50,7 @@ def _quantized(tree):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """(cfg, our NF4 params, the fp32 checkpoint dir, ids [2, 9], mask with a right-padded row)."""
-    cfg = tiny_config(hidden_size=64, intermediate_size=128)
-    params = llama.init_params(jax.random.key(0), cfg)
-    path = tmp_path_factory.mktemp("base")
-    hf_twin(params, cfg).save_pretrained(path)
+    cfg, _, path = saved_nf4_base(tmp_path_factory)
     _, params4 = hf.load_pretrained(path, quantize="nf4")
     assert len(_quantized(params4)) == 7  # every decoder projection
     rs = np.random.RandomState(0)
@@ -85,9 +74,7 @@ def adapted(base, tmp_path_factory):
             params = {**params, "adaption": dataclasses.replace(node, gate=node.gate + 0.7)}
         adapter_dir = tmp_path_factory.mktemp(name)
         jpeft.save_hf_adapter(adapter_dir, method, params, cfg)
-        bnb_model = transformers.LlamaForCausalLM.from_pretrained(
-            path, quantization_config=BNB, device_map="cpu", dtype=torch.float32
-        )
+        bnb_model = bnb_4bit_model(path)
         assert isinstance(bnb_model.model.layers[0].mlp.down_proj, Linear4bit)
         return params, peft.PeftModel.from_pretrained(bnb_model, adapter_dir).eval()
 

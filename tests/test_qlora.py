@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
-from conftest import hf_twin, sgd_train, tiny_config
+from conftest import bnb_4bit_model, saved_nf4_base, sgd_train
 
 import jpeft
 from jpeft import quant
@@ -17,19 +16,8 @@ from train.prepare import load_weights
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    cfg = tiny_config(hidden_size=64, intermediate_size=128)
-    params = llama.init_params(jax.random.key(0), cfg)
-    path = tmp_path_factory.mktemp("base")
-    hf_twin(params, cfg).save_pretrained(path)
-    bnb = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    reference = transformers.LlamaForCausalLM.from_pretrained(
-        path, quantization_config=bnb, device_map="cpu", dtype=torch.float32
-    ).eval()
+    cfg, params, path = saved_nf4_base(tmp_path_factory)
+    reference = bnb_4bit_model(path)
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         logits = reference(torch.tensor(ids)).logits.float().numpy()

@@ -13,31 +13,21 @@ import pytest
 import torch
 import transformers
 from bitsandbytes.nn import Linear4bit
-from conftest import hf_twin, tiny_config
+from conftest import bnb_4bit_model, saved_nf4_base
 from test_lora import forward, randomize
 from test_lora_peft import assert_close, peft_logits
 
 import jpeft
 from jpeft.lora import LoRAWeight
 from jpeft.quant import QuantizedWeight
-from models import hf, llama
+from models import hf
 from models.hf_names import PROJECTIONS, group_of
-
-BNB = transformers.BitsAndBytesConfig(
-    load_in_4bit=True,
-    bnb_4bit_quant_type="nf4",
-    bnb_4bit_use_double_quant=True,
-    bnb_4bit_compute_dtype=torch.float32,
-)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(cfg, our NF4 params, the fp32 checkpoint dir, ids [2, 9], mask with a right-padded row)."""
-    cfg = tiny_config(hidden_size=64, intermediate_size=128)
-    params = llama.init_params(jax.random.key(0), cfg)
-    path = tmp_path_factory.mktemp("base")
-    hf_twin(params, cfg).save_pretrained(path)
+    cfg, _, path = saved_nf4_base(tmp_path_factory)
     _, params4 = hf.load_pretrained(path, quantize="nf4")
     rs = np.random.RandomState(0)
     ids = rs.randint(0, cfg.vocab_size, (2, 9)).astype(np.int32)
@@ -47,11 +37,9 @@ def setup(tmp_path_factory):
 
 
 def bnb_model(path):
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        path, quantization_config=BNB, device_map="cpu", dtype=torch.float32
-    )
+    model = bnb_4bit_model(path)
     assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
-    return model.eval()
+    return model
 
 
 def kernels(params):
