@@ -22,8 +22,9 @@ def base_dir(tmp_path_factory):
     return saved_nf4_base(tmp_path_factory)[2]
 
 
-def _save_bnb(base_dir, out, **settings):
-    bnb_4bit_model(base_dir, **settings).save_pretrained(out, **settings.pop("save", {}))
+def _save_bnb(base_dir, out, max_shard_size="5GB", **settings):
+    """Write the 4-bit checkpoint transformers + bitsandbytes make of ``base_dir``."""
+    bnb_4bit_model(base_dir, **settings).save_pretrained(out, max_shard_size=max_shard_size)
     return out
 
 
@@ -53,17 +54,16 @@ def test_checkpoint_loads_as_our_own_quantization(base_dir, tmp_path, quant_type
 
 
 def test_logits_equal_transformers_bitsandbytes(base_dir, nf4_dir):
-    ids = np.random.RandomState(0).randint(0, 97, (2, 9))
+    cfg, params = hf.load_pretrained(nf4_dir)
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         ref = bnb_4bit_model(base_dir)(torch.tensor(ids)).logits.numpy()
-    cfg, params = hf.load_pretrained(nf4_dir)
     out = np.asarray(llama.forward(params, cfg, jnp.asarray(ids)))
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
 
 
 def test_sharded_checkpoint_loads_the_same(base_dir, nf4_dir, tmp_path):
-    sharded = bnb_4bit_model(base_dir)
-    sharded.save_pretrained(tmp_path, max_shard_size="20KB")
+    _save_bnb(base_dir, tmp_path, max_shard_size="20KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     _assert_identical(hf.load_pretrained(tmp_path)[1], hf.load_pretrained(nf4_dir)[1])
 

@@ -25,7 +25,7 @@ from models.tokenizer import Tokenizer
 from train import data
 from train.distributed import local_rows, to_host
 from train.sharding import shard_batch
-from train.step import token_loss
+from train.step import batch_loss
 
 Params = dict[str, Any]
 
@@ -124,13 +124,7 @@ class Evaluator:
             ctx=Context(self.dtype),
             **kwargs,
         )
-        return token_loss(
-            logits,
-            batch["input_ids"],
-            batch["loss_mask"],
-            batch["attention_mask"],
-            batch.get("segment_ids"),
-        )
+        return batch_loss(logits, batch)
 
     def loss(self, params: Params) -> tuple[float | None, float | None]:
         """``(mean target loss, perplexity)`` over the eval examples."""

@@ -12,6 +12,7 @@ A batch is a dict of int32 arrays: ``input_ids``, ``attention_mask`` and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -60,6 +61,25 @@ def token_loss(
     return jnp.sum(ce * weights), jnp.sum(weights)
 
 
+def batch_loss(logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """:func:`token_loss` of a batch: ``input_ids``, ``loss_mask``, ``attention_mask``
+    and, for packed rows, ``segment_ids``.
+
+    Example:
+        >>> ids = jnp.array([[0, 1, 2]])
+        >>> batch = {"input_ids": ids, "loss_mask": ids > 0, "attention_mask": ids >= 0}
+        >>> int(batch_loss(jnp.zeros((1, 3, 4)), batch)[1])
+        2
+    """
+    return token_loss(
+        logits,
+        batch["input_ids"],
+        batch["loss_mask"],
+        batch["attention_mask"],
+        batch.get("segment_ids"),
+    )
+
+
 def check_batch(batch: Batch, accum: int = 1) -> None:
     """Raise ValueError unless ``batch`` has the keys and shapes a step expects.
 
@@ -106,13 +126,7 @@ def _loss_sum(
             deterministic=False,
             rngs={"dropout": rng},
         )
-    return token_loss(
-        logits,
-        batch["input_ids"],
-        batch["loss_mask"],
-        batch["attention_mask"],
-        batch.get("segment_ids"),
-    )
+    return batch_loss(logits, batch)
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:

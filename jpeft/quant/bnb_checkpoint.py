@@ -54,14 +54,17 @@ class Bnb4bitFormat:
     def parts(self, key: str) -> tuple[str, ...]:
         """The tensors besides ``key`` that hold it."""
         nested = ("nested_absmax", "nested_quant_map") if self.double_quant else ()
-        names = ("absmax", "quant_map", *nested, f"quant_state.bitsandbytes__{self.quant_type}")
-        return tuple(f"{key}.{name}" for name in names)
+        return (*(f"{key}.{name}" for name in ("absmax", "quant_map", *nested)), self._state(key))
+
+    def _state(self, key: str) -> str:
+        """The tensor holding ``key``'s quant_state JSON."""
+        return f"{key}.quant_state.bitsandbytes__{self.quant_type}"
 
     def unpack(
         self, key: str, tensors: Mapping[str, np.ndarray], shape: tuple[int, int]
     ) -> QuantizedWeight:
         """One layer's :class:`QuantizedWeight` from its tensors (see the module docstring)."""
-        state = _quant_state(key, tensors[self.parts(key)[-1]])
+        state = _quant_state(key, tensors[self._state(key)])
         blocksize = self._check_state(key, state, shape)
         _check_table(key, "quant_map", tensors[f"{key}.quant_map"], code_table(self.quant_type))
         absmax = tensors[f"{key}.absmax"]
