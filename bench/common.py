@@ -49,7 +49,7 @@ def seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
 
 def config_from(args: argparse.Namespace):
     """The ``LlamaConfig`` the options describe."""
-    from models.config import LlamaConfig
+    from jpeft.models.config import LlamaConfig
 
     return LlamaConfig(
         vocab_size=args.vocab,
@@ -70,7 +70,7 @@ def write_checkpoint(path: str, cfg) -> None:
     import jax
     import numpy as np
 
-    from models import hf, llama
+    from jpeft.models import hf, llama
 
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg))

@@ -1,6 +1,6 @@
 """Forward-pass tokens/s of jpeft (jax.jit, XLA CPU) against transformers (torch eager) on CPU.
 
-Both run the same random weights (saved by ``models.hf.save_pretrained``, read by
+Both run the same random weights (saved by ``jpeft.models.hf.save_pretrained``, read by
 ``LlamaForCausalLM.from_pretrained``) in fp32 on the same CPU set: the process is
 pinned to ``--threads`` cores before jax and torch start, and torch uses that many
 intra-op threads. Prints a markdown table and the command that produced it::
@@ -27,7 +27,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from models import hf, llama
+    from jpeft.models import hf, llama
 
     torch.set_num_threads(args.threads)
     cfg = config_from(args)

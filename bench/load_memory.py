@@ -24,9 +24,9 @@ import numpy as np
 import psutil
 from common import peak_rss, run_self, write_checkpoint
 
-import jpeft.quant  # registers the "nf4" quantizer of hf.load_pretrained
-from models import hf, llama
-from models.config import LlamaConfig
+import jpeft
+from jpeft.models import hf, llama
+from jpeft.models.config import LlamaConfig
 
 MB = 2**20
 

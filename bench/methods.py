@@ -20,9 +20,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train.methods import SPECS
+from jpeft.train.methods import SPECS
 
 HEADER = (
     "| method | trainable params | % of base | accuracy before | accuracy after "
@@ -34,7 +32,7 @@ def run_method(method: str, steps: int, out: str, extra: list[str]) -> tuple[lis
     """Train one method in a subprocess; ``(command, summary.json)``."""
     command = ["jpeft", "train", "--method", method, "--steps", str(steps), *extra]
     run_dir = os.path.join(out, method)
-    argv = [sys.executable, "-m", "train.cli", *command[1:], "--output-dir", run_dir]
+    argv = [sys.executable, "-m", "jpeft.train.cli", *command[1:], "--output-dir", run_dir]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     started = time.perf_counter()
     proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True, check=False)

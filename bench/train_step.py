@@ -2,7 +2,7 @@
 
 Each method runs twice with the same hyper-parameters: jpeft (``jax.jit(train_step)``)
 and peft over transformers (torch eager). Both load the same random base from disk
-(written once by ``models.hf.save_pretrained``), train on the same batch of random ids
+(written once by ``jpeft.models.hf.save_pretrained``), train on the same batch of random ids
 with AdamW in fp32 and take the next-token loss on every token. Each (method,
 implementation) pair runs in its own process, so its peak RSS (``VmHWM``, the JAX or
 torch runtime included) is its own. The loss of step 1 (about ln(vocab) on this
@@ -120,9 +120,9 @@ def jpeft_step(
     import optax
 
     import jpeft
-    from models import hf, llama
-    from train import TrainState, train_step
-    from train.build import count
+    from jpeft.models import hf, llama
+    from jpeft.train import TrainState, train_step
+    from jpeft.train.build import count
 
     cfg, base = hf.load_pretrained(path, quantize="nf4" if method.quantized else None)
     params = getattr(jpeft, method.jpeft)(**method.options).init(jax.random.key(1), base, cfg)

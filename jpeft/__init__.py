@@ -1,13 +1,17 @@
 """jpeft: parameter-efficient fine-tuning of LLaMA-family models in JAX."""
 
+from jpeft import assets
 from jpeft.adapters import Adapter, LlamaAdapter
 from jpeft.hf_adapter import load_hf_adapter, save_hf_adapter
 from jpeft.lora import LoRA, unmerge
 from jpeft.method import Method
 from jpeft.nodes import Node, Trained, is_node, node
 from jpeft.partition import combine, merge, nbytes, split
+from jpeft.plugins import register_builtins
 from jpeft.prompts import MultitaskPromptTuning, PrefixTuning, PromptTuning, PTuning, PTuningV2
 from jpeft.qlora import QLoRA
+
+register_builtins()
 
 __all__ = [
     "Adapter",
@@ -22,6 +26,7 @@ __all__ = [
     "PromptTuning",
     "QLoRA",
     "Trained",
+    "assets",
     "combine",
     "is_node",
     "load_hf_adapter",

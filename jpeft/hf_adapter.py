@@ -10,9 +10,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jpeft.method import Method, Params, method_for
-from models.atomic import atomic_path
-from models.config import LlamaConfig
-from models.safetensors_io import SafetensorsFile
+from jpeft.models.atomic import atomic_path
+from jpeft.models.config import LlamaConfig
+from jpeft.models.safetensors_io import SafetensorsFile
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

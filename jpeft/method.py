@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from models.config import LlamaConfig
+from jpeft.models.config import LlamaConfig
 
 Params = dict[str, Any]
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import jax
 
-from models.linear import dense, matmul
+from jpeft.models.linear import dense, matmul
 
 T = TypeVar("T", bound=type)
 

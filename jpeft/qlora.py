@@ -8,9 +8,9 @@ import jax
 
 from jpeft.lora import LoRA
 from jpeft.method import Params
+from jpeft.models.config import LlamaConfig
+from jpeft.models.hf_names import PROJECTIONS, group_of
 from jpeft.quant import QuantizedWeight, quantize
-from models.config import LlamaConfig
-from models.hf_names import PROJECTIONS, group_of
 
 
 @dataclasses.dataclass(frozen=True)

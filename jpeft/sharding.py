@@ -1,10 +1,10 @@
 """Logical axis names of every array in a params tree (sharding is data).
 
 A base tensor's axes follow from its place in the params layout of
-:mod:`models.llama` (e.g. ``layers/mlp/up_proj/kernel`` is ``("layers", "embed",
+:mod:`jpeft.models.llama` (e.g. ``layers/mlp/up_proj/kernel`` is ``("layers", "embed",
 "mlp")``). A PEFT node's axes come from ``node.logical_axes(base_axes)``, where
 ``base_axes`` are the axes of the tensor the node stands in for (None for nodes
-that replace no tensor, e.g. prompts). ``train.sharding`` maps the names to mesh
+that replace no tensor, e.g. prompts). ``jpeft.train.sharding`` maps the names to mesh
 axes.
 
 Logical names: ``vocab``, ``embed`` (hidden size), ``heads`` (query heads x

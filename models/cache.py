@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.config import LlamaConfig
+from jpeft.models.config import LlamaConfig
 
 
 @functools.partial(

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import hooks, llama, sampling
-from models.cache import KVCache
-from models.config import LlamaConfig
-from models.context import Context
+from jpeft.models import hooks, llama, sampling
+from jpeft.models.cache import KVCache
+from jpeft.models.config import LlamaConfig
+from jpeft.models.context import Context
 
 Params = dict[str, Any]
 

@@ -6,11 +6,11 @@ device and written in place into the preallocated (stacked ``[L, ...]``) entry b
 donated update. Host memory beyond the final params stays at about one chunk, plus
 one layer's kernel when a quantizer is used (``bench/load_memory.py`` measures it).
 
-Quantization plugs in through :func:`register_quantizer`; ``jpeft.quant``
-registers ``"nf4"``. Pre-quantized checkpoints plug in through
-:func:`models.packed.register_packed_format` (``jpeft.quant`` registers bitsandbytes
-4-bit): their packed weights load as they are, one layer at a time.
-:func:`save_pretrained` lives in :mod:`models.hf_save`.
+Quantization plugs in through :func:`register_quantizer`; pre-quantized checkpoints
+through :func:`jpeft.models.packed.register_packed_format`. :mod:`jpeft.plugins`
+registers ``"nf4"`` and bitsandbytes 4-bit checkpoints (whose packed weights load as
+they are, one layer at a time) whenever anything under ``jpeft`` is imported.
+:func:`save_pretrained` lives in :mod:`jpeft.models.hf_save`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from models.config import LlamaConfig
-from models.hf_checkpoint import Checkpoint, hf_shape
-from models.hf_names import tensor_slots
-from models.hf_save import save_pretrained
-from models.llama import Params, init_params
-from models.safetensors_io import SafetensorsFile
+from jpeft.models.config import LlamaConfig
+from jpeft.models.hf_checkpoint import Checkpoint, hf_shape
+from jpeft.models.hf_names import tensor_slots
+from jpeft.models.hf_save import save_pretrained
+from jpeft.models.llama import Params, init_params
+from jpeft.models.safetensors_io import SafetensorsFile
 
 __all__ = ["QUANTIZERS", "Quantizer", "load_pretrained", "register_quantizer", "save_pretrained"]
 
@@ -44,7 +44,7 @@ Quantizer = Callable[[jax.Array, str], Any]
   ``dtype`` passed to :func:`load_pretrained`, on the default device.
 * ``module``: the HF projection name (``"q_proj"`` ... ``"down_proj"``).
 * returns a weight node for that one layer: any pytree for which
-  :func:`models.linear.matmul` and :func:`models.linear.dense` are registered. Every
+  :func:`jpeft.models.linear.matmul` and :func:`jpeft.models.linear.dense` are registered. Every
   layer must give the same tree structure, leaf shapes and dtypes. The loader stacks
   the leaves along a new leading layer axis and puts the stacked node at
   ``params["layers"][group][module]["kernel"]``; the scanned forward slices it back.
@@ -81,8 +81,8 @@ def load_pretrained(
         path: the model directory.
         dtype: dtype of every loaded param (checkpoints in any float dtype are cast);
             packed weights keep their own storage.
-        quantize: a registered :data:`Quantizer`'s name (``"nf4"`` once ``jpeft.quant``
-            is imported) or a :data:`Quantizer` itself, applied to each layer's
+        quantize: a registered :data:`Quantizer`'s name (``"nf4"``: NF4 with double
+            quantization, blocksize 64) or a :data:`Quantizer` itself, applied to each layer's
             linear kernels; None to keep them dense.
 
     Raises:
@@ -116,8 +116,7 @@ def _quantizer(quantize: str | Quantizer | None) -> Quantizer | None:
     if quantize not in QUANTIZERS:
         raise ValueError(
             f"quantize={quantize!r} has no registered quantizer (registered: "
-            f"{sorted(QUANTIZERS)}); quantize='nf4' needs jpeft.quant: `import jpeft.quant` "
-            "registers it"
+            f"{sorted(QUANTIZERS)}); register one with register_quantizer(name, fn)"
         )
     return QUANTIZERS[quantize]
 

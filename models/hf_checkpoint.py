@@ -16,10 +16,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from models.config import LlamaConfig
-from models.hf_names import PROJECTIONS, hf_key, tensor_slots
-from models.packed import packed_format
-from models.safetensors_io import SafetensorsFile
+from jpeft.models.config import LlamaConfig
+from jpeft.models.hf_names import PROJECTIONS, hf_key, tensor_slots
+from jpeft.models.packed import packed_format
+from jpeft.models.safetensors_io import SafetensorsFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from models.config import LlamaConfig
-from models.linear import dense
+from jpeft.models.config import LlamaConfig
+from jpeft.models.linear import dense
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -60,7 +60,7 @@ def tensor_slots(cfg: LlamaConfig) -> Iterator[tuple[str, tuple, int | None, boo
 def hf_state_dict(params: dict[str, Any], cfg: LlamaConfig) -> dict[str, np.ndarray]:
     """Our (plain or merged) params as HF's LLaMA state dict of numpy arrays.
 
-    PEFT nodes at tensor slots are folded with :func:`models.linear.dense` (merge
+    PEFT nodes at tensor slots are folded with :func:`jpeft.models.linear.dense` (merge
     first to be explicit); entries a plain LLaMA has no place for (adapters,
     prompts, prefixes) raise ``ValueError``: they cannot be merged.
     """

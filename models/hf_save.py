@@ -1,7 +1,7 @@
 """Write our params as a Hugging Face LLaMA directory transformers loads.
 
 Tensors are produced one at a time (one layer of one entry, PEFT nodes folded by
-:func:`models.linear.dense`), so saving needs no full host copy of the model.
+:func:`jpeft.models.linear.dense`), so saving needs no full host copy of the model.
 Every file is written to a temporary name in the target directory, then renamed.
 """
 
@@ -20,11 +20,11 @@ import jax
 import numpy as np
 from jax.typing import DTypeLike
 
-from models.atomic import atomic_path
-from models.config import LlamaConfig
-from models.hf_names import check_placed, tensor_slots
-from models.linear import dense
-from models.safetensors_io import write_file
+from jpeft.models.atomic import atomic_path
+from jpeft.models.config import LlamaConfig
+from jpeft.models.hf_names import check_placed, tensor_slots
+from jpeft.models.linear import dense
+from jpeft.models.safetensors_io import write_file
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -53,7 +53,7 @@ def save_pretrained(
         path: target directory (created; stale weight files of an earlier save removed).
         cfg: the model config, written as ``config.json``.
         params: plain or PEFT params; nodes at tensor slots (LoRA, NF4, ...) are folded
-            with :func:`models.linear.dense` (what ``jpeft.merge`` gives). Entries with no
+            with :func:`jpeft.models.linear.dense` (what ``jpeft.merge`` gives). Entries with no
             place in a plain LLaMA (prompts, prefixes, adapters) raise ``ValueError``.
         dtype: dtype of the stored tensors; None keeps each tensor's own dtype.
         max_shard_size: bytes per file (int, or ``"500MB"``, ``"5GB"``, ``"2GiB"``);

@@ -2,7 +2,7 @@
 
 The model reads a few optional entries of the params tree and hands each to a
 hook that dispatches on the node's type (the same pattern as
-:func:`models.linear.matmul`). Methods register implementations; the model
+:func:`jpeft.models.linear.matmul`). Methods register implementations; the model
 never imports them.
 
 =====================  ==============================================  =====================
@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from models.context import Context
+from jpeft.models.context import Context
 
 
 def _unsupported(hook: str, node: Any) -> TypeError:

@@ -1,7 +1,7 @@
 """One LLaMA decoder layer: RMSNorm, GQA self-attention with RoPE, SwiGLU MLP.
 
-Every projection goes through :func:`models.linear.linear`; optional PEFT nodes
-enter through :mod:`models.hooks`.
+Every projection goes through :func:`jpeft.models.linear.linear`; optional PEFT nodes
+enter through :mod:`jpeft.models.hooks`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models import hooks
-from models.config import LlamaConfig
-from models.context import Context
-from models.linear import dense, linear
-from models.rope import apply_rotary
+from jpeft.models import hooks
+from jpeft.models.config import LlamaConfig
+from jpeft.models.context import Context
+from jpeft.models.linear import dense, linear
+from jpeft.models.rope import apply_rotary
 
 Params = dict[str, Any]
 

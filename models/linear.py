@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models.context import Context
+from jpeft.models.context import Context
 
 
 @functools.singledispatch

@@ -10,7 +10,7 @@ Params layout (layer entries carry a leading ``num_hidden_layers`` axis)::
     norm/scale                      [hidden]
     lm_head/kernel                  [hidden, vocab]   (absent when tied)
 
-plus optional PEFT entries read through :mod:`models.hooks`.
+plus optional PEFT entries read through :mod:`jpeft.models.hooks`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import hooks
-from models.cache import KVCache
-from models.config import LlamaConfig
-from models.context import Context
-from models.layers import decoder_layer, rms_norm
-from models.linear import dense, linear
-from models.rope import rotary_tables
+from jpeft.models import hooks
+from jpeft.models.cache import KVCache
+from jpeft.models.config import LlamaConfig
+from jpeft.models.context import Context
+from jpeft.models.layers import decoder_layer, rms_norm
+from jpeft.models.linear import dense, linear
+from jpeft.models.rope import rotary_tables
 
 Params = dict[str, Any]
 

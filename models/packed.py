@@ -3,9 +3,9 @@
 A checkpoint whose ``config.json`` has a ``quantization_config`` stores some linear
 weights packed (e.g. bitsandbytes' ``Linear4bit``: a uint8 ``weight`` plus
 ``weight.absmax``, ``weight.quant_map``, ...). A :class:`PackedFormat` registered
-for its ``quant_method`` tells :func:`models.hf.load_pretrained` which tensors make
+for its ``quant_method`` tells :func:`jpeft.models.hf.load_pretrained` which tensors make
 up one packed weight and turns them into a weight node, without requantizing;
-``jpeft.quant`` registers ``"bitsandbytes"`` (4-bit NF4/FP4).
+:mod:`jpeft.plugins` registers ``"bitsandbytes"`` (4-bit NF4/FP4).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ PACKED_FORMATS: dict[str, PackedFormatFactory] = {}
 
 
 def register_packed_format(quant_method: str, factory: PackedFormatFactory) -> None:
-    """Let :func:`models.hf.load_pretrained` read checkpoints of ``quant_method``.
+    """Let :func:`jpeft.models.hf.load_pretrained` read checkpoints of ``quant_method``.
 
     Example:
         >>> register_packed_format("bitsandbytes", bnb_4bit_format)  # doctest: +SKIP
@@ -65,8 +65,7 @@ def packed_format(path: str) -> PackedFormat | None:
     if method not in PACKED_FORMATS:
         raise ValueError(
             f"{path}/config.json: quantization_config with quant_method={method!r} has no "
-            f"registered reader (registered: {sorted(PACKED_FORMATS)}); bitsandbytes 4-bit "
-            "checkpoints need jpeft.quant: `import jpeft.quant` registers them"
+            f"registered reader (registered: {sorted(PACKED_FORMATS)})"
         )
     try:
         return PACKED_FORMATS[method](config)

@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.config import LlamaConfig
+from jpeft.models.config import LlamaConfig
 
 
 def inverse_frequencies(cfg: LlamaConfig, seq_len: jax.Array | int | None = None) -> jax.Array:

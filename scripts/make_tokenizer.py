@@ -21,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.tokenizer import LLAMA2_CHAT_TEMPLATE, render_chat_template
+from jpeft.models.tokenizer import LLAMA2_CHAT_TEMPLATE, render_chat_template
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 # GPT-2's split pattern, except that a digit never joins another digit.

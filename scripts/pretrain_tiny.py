@@ -5,8 +5,8 @@
     python scripts/pretrain_tiny.py     # assets/tiny-llama/{config.json, model.safetensors}
 
 Every weight is trained in full through jpeft's own path: each base tensor is wrapped in
-a :class:`jpeft.Trained` node, so ``train.train_step`` differentiates all of them, and
-``jpeft.merge`` unwraps them for ``models.hf.save_pretrained``. The corpus is cut into
+a :class:`jpeft.Trained` node, so ``jpeft.train.train_step`` differentiates all of them, and
+``jpeft.merge`` unwraps them for ``jpeft.models.hf.save_pretrained``. The corpus is cut into
 ``<s> document </s>`` pieces and packed into rows (packed segments never attend to each
 other). The same arguments give the same weights on the same software.
 """
@@ -26,10 +26,10 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jpeft
-from models import hf, llama
-from models.config import LlamaConfig
-from models.tokenizer import Tokenizer
-from train import TrainState, data, eval_step, train_step
+from jpeft.models import hf, llama
+from jpeft.models.config import LlamaConfig
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train import TrainState, data, eval_step, train_step
 
 
 def model_config(args: argparse.Namespace, tokenizer: Tokenizer) -> LlamaConfig:

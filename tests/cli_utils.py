@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from train.cli import main
+from jpeft.train.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,14 +57,13 @@ def cli_env(devices: int = 1) -> dict[str, str]:
     """Environment of a ``jpeft`` subprocess: CPU with ``devices`` devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
 
 def start_cli(*args: str, devices: int = 1) -> subprocess.Popen:
-    """Start ``python -m train.cli <args>`` in the repository (stdout and stderr piped)."""
+    """Start ``python -m jpeft.train.cli <args>`` in the repository (stdout and stderr piped)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "train.cli", *args],
+        [sys.executable, "-m", "jpeft.train.cli", *args],
         cwd=REPO,
         env=cli_env(devices),
         stdout=subprocess.PIPE,

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from models import llama
-from models.config import LlamaConfig
-from models.hf_names import hf_state_dict
+from jpeft.models import llama
+from jpeft.models.config import LlamaConfig
+from jpeft.models.hf_names import hf_state_dict
 
 torch.manual_seed(0)
 

@@ -11,7 +11,7 @@ from conftest import hf_twin, sgd_train
 
 import jpeft
 from jpeft.adapters import Adapter
-from models import llama
+from jpeft.models import llama
 
 
 def _randomize(params, key):
@@ -111,7 +111,7 @@ def test_save_load_round_trip(params, cfg, batch, tmp_path):
 
 
 def test_merge_is_refused(params, cfg, tmp_path):
-    from models.hf_names import hf_state_dict
+    from jpeft.models.hf_names import hf_state_dict
 
     adapted = Adapter(bottleneck=8).init(jax.random.key(1), params, cfg)
     with pytest.raises(ValueError, match="adapter_attn"):

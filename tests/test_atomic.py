@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from models.atomic import atomic_path
+from jpeft.models.atomic import atomic_path
 
 
 def test_replaces_the_file_with_umask_permissions(tmp_path):

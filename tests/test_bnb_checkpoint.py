@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 import jpeft
 from jpeft import quant
-from models import hf, llama
+from jpeft.models import hf, llama
 
 
 @pytest.fixture(scope="module")

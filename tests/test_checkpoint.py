@@ -12,10 +12,10 @@ import pytest
 from conftest import tiny_config
 
 import jpeft
+from jpeft.models import llama
 from jpeft.optim.groups import adamw
-from models import llama
-from train import TrainState, train_step
-from train.checkpoint import Checkpointer
+from jpeft.train import TrainState, train_step
+from jpeft.train.checkpoint import Checkpointer
 
 CFG = tiny_config()
 MODEL = llama.Llama(CFG)

@@ -17,10 +17,10 @@ import transformers
 from cli_utils import reference_run, run_main
 
 import jpeft
-from models import hf, llama
-from models.tokenizer import Tokenizer
-from train import build, methods
-from train.cli import build_parser, run_config
+from jpeft.models import hf, llama
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train import build, methods
+from jpeft.train.cli import build_parser, run_config
 
 MODEL = "assets/tiny-llama"
 

@@ -8,7 +8,7 @@ import jax
 import pytest
 from cli_utils import FAST, run_main
 
-from train import methods
+from jpeft.train import methods
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

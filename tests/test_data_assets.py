@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.tokenizer import Tokenizer
-from train.data import encode_records, read_documents, read_jsonl
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train.data import encode_records, read_documents, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "data"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from train.data import BatchIterator, BatchPlan, Example, collate, default_buckets, pack_plan
+from jpeft.train.data import BatchIterator, BatchPlan, Example, collate, default_buckets, pack_plan
 
 
 def _examples(lengths, seed=0):
@@ -156,8 +156,8 @@ def test_packed_logits_equal_unpacked_through_the_model():
     """The model fed a packed batch gives each example the logits it gets alone."""
     import jax
 
-    from models.config import LlamaConfig
-    from models.llama import forward, init_params
+    from jpeft.models.config import LlamaConfig
+    from jpeft.models.llama import forward, init_params
 
     cfg = LlamaConfig(
         vocab_size=100,

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.tokenizer import LLAMA3_CHAT_TEMPLATE, Tokenizer
-from train.data import (
+from jpeft.models.tokenizer import LLAMA3_CHAT_TEMPLATE, Tokenizer
+from jpeft.train.data import (
     Example,
     Record,
     corpus_examples,

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from train.data import Record, read_jsonl, split_eval
+from jpeft.train.data import Record, read_jsonl, split_eval
 
 
 def _write(tmp_path, lines):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from models.tokenizer import (
+from jpeft.models.tokenizer import (
     LLAMA2_CHAT_TEMPLATE,
     LLAMA3_CHAT_TEMPLATE,
     Tokenizer,

@@ -12,12 +12,12 @@ import torch
 import transformers
 from conftest import hf_twin, tiny_config
 
+from jpeft.models import generate as gen
+from jpeft.models import hooks, llama, sampling
+from jpeft.models.cache import KVCache
+from jpeft.models.context import Context
+from jpeft.models.linear import dense, matmul
 from jpeft.nodes import Node, node
-from models import generate as gen
-from models import hooks, llama, sampling
-from models.cache import KVCache
-from models.context import Context
-from models.linear import dense, matmul
 
 CFG = tiny_config()
 

@@ -16,10 +16,10 @@ import torch
 import transformers
 from conftest import tiny_config
 
+from jpeft.models import hf, llama
+from jpeft.models.config import RopeScaling
+from jpeft.models.linear import dense, matmul
 from jpeft.nodes import Node, node
-from models import hf, llama
-from models.config import RopeScaling
-from models.linear import dense, matmul
 
 
 @node()
@@ -227,8 +227,8 @@ def test_corrupt_files_are_named(tmp_path, damage, message):
 
 def test_quantizer_hook_gets_each_layer_kernel(tmp_path, monkeypatch):
     cfg, params = _saved(tmp_path)
-    monkeypatch.setattr(hf, "QUANTIZERS", {})  # as before anything registered "nf4"
-    with pytest.raises(ValueError, match=r"needs jpeft\.quant"):
+    monkeypatch.setattr(hf, "QUANTIZERS", {})  # as if nothing had registered "nf4"
+    with pytest.raises(ValueError, match=r"'nf4' has no registered quantizer"):
         hf.load_pretrained(tmp_path, quantize="nf4")
     seen = []
 

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 import jpeft
 from jpeft.adapters import LlamaAdapter
-from models import llama
+from jpeft.models import llama
 
 
 def _peft_model(params, cfg, adapter_len, adapter_layers):

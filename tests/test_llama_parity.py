@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers
 
-from models import hf, llama
-from models.cache import KVCache
+from jpeft.models import hf, llama
+from jpeft.models.cache import KVCache
 
 BASE = dict(
     vocab_size=97,

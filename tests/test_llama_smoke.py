@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from conftest import hf_twin
 
-from models import llama
+from jpeft.models import llama
 
 
 def test_logits_match_transformers(params, cfg, batch):

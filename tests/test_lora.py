@@ -16,9 +16,9 @@ from conftest import next_token_loss
 import jpeft
 from jpeft import sharding
 from jpeft.lora import LoRA, LoRAWeight
-from models import llama
-from models.context import Context
-from models.linear import matmul
+from jpeft.models import llama
+from jpeft.models.context import Context
+from jpeft.models.linear import matmul
 
 forward = jax.jit(llama.forward, static_argnums=1)
 LORA = LoRA(r=4, alpha=16, targets="all-linear")

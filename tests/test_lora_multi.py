@@ -23,10 +23,10 @@ from jpeft.lora import (
     load_adapter,
     set_adapter,
 )
-from models import llama
-from models.cache import KVCache
-from models.context import Context
-from models.linear import matmul
+from jpeft.models import llama
+from jpeft.models.cache import KVCache
+from jpeft.models.context import Context
+from jpeft.models.linear import matmul
 
 A = LoRA(r=4, alpha=8, targets=("q_proj", "v_proj"), adapter_name="x")
 B = LoRA(r=2, alpha=4, targets=("v_proj", "up_proj"), adapter_name="y")

@@ -14,7 +14,7 @@ from test_lora import forward, project, randomize
 import jpeft
 from jpeft.lora import LoRA, LoRAAdapter, LoRAWeight
 from jpeft.lora.peft_io import options
-from models.hf_names import hf_state_dict
+from jpeft.models.hf_names import hf_state_dict
 
 CASES = {
     "plain": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},

@@ -11,6 +11,7 @@ from conftest import tiny_config
 
 import jpeft
 from jpeft.adapters.bottleneck import BottleneckAdapter
+from jpeft.models import llama
 from jpeft.optim.adamw8bit import adamw_8bit
 from jpeft.optim.groups import (
     adamw,
@@ -22,7 +23,6 @@ from jpeft.optim.groups import (
 )
 from jpeft.prompts import encoders
 from jpeft.prompts.nodes import PromptEncoder, SoftPrompt
-from models import llama
 
 CFG = tiny_config()
 

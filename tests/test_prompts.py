@@ -19,14 +19,14 @@ from tokenizers import models as tok_models
 from tokenizers import pre_tokenizers, processors
 
 import jpeft
+from jpeft.models import hooks, llama
+from jpeft.models.context import Context
+from jpeft.models.generate import generate
+from jpeft.models.tokenizer import Tokenizer
 from jpeft.prompts import MultitaskPrompt, Prefix, SoftPrompt, encoders
 from jpeft.sharding import logical_axes
-from models import hooks, llama
-from models.context import Context
-from models.generate import generate
-from models.tokenizer import Tokenizer
-from train.checkpoint import Checkpointer
-from train.state import TrainState
+from jpeft.train.checkpoint import Checkpointer
+from jpeft.train.state import TrainState
 
 WORDS = "classify the review as good or bad"
 

@@ -22,9 +22,9 @@ from conftest import bnb_4bit_model, saved_nf4_base, sgd_train
 from test_prompts_peft import _peft, _peft_greedy
 
 import jpeft
+from jpeft.models import hf, llama
+from jpeft.models.generate import generate
 from jpeft.quant import QuantizedWeight
-from models import hf, llama
-from models.generate import generate
 
 N = 3
 METHODS = {

@@ -20,11 +20,11 @@ import torch
 from conftest import hf_twin, tiny_config
 
 import jpeft
+from jpeft.models import llama
+from jpeft.models.context import Context
+from jpeft.models.generate import generate
 from jpeft.prompts import encoders
 from jpeft.prompts.nodes import MultitaskPrompt, Prefix, ProjectedPrefix, PromptEncoder, SoftPrompt
-from models import llama
-from models.context import Context
-from models.generate import generate
 
 ARCHS = {"mha": {"num_key_value_heads": 4}, "gqa": {}}
 TASKS = np.array([2, 0], np.int32)

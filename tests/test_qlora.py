@@ -9,9 +9,9 @@ from conftest import bnb_4bit_model, saved_nf4_base, sgd_train
 
 import jpeft
 from jpeft import quant
-from models import hf, llama
-from train.config import RunConfig
-from train.prepare import load_weights
+from jpeft.models import hf, llama
+from jpeft.train.config import RunConfig
+from jpeft.train.prepare import load_weights
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ from test_lora_peft import assert_close, peft_logits
 
 import jpeft
 from jpeft.lora import LoRAWeight
+from jpeft.models import hf
+from jpeft.models.hf_names import PROJECTIONS, group_of
 from jpeft.quant import QuantizedWeight
-from models import hf
-from models.hf_names import PROJECTIONS, group_of
 
 
 @pytest.fixture(scope="module")

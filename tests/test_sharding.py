@@ -19,11 +19,11 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import jpeft
+from jpeft.models import llama
+from jpeft.models.config import LlamaConfig
 from jpeft.sharding import is_axes, logical_axes
-from models import llama
-from models.config import LlamaConfig
-from train import TrainState, train_step
-from train.sharding import (
+from jpeft.train import TrainState, train_step
+from jpeft.train.sharding import (
     parse_mesh,
     partition_spec,
     shard_batch,
@@ -106,7 +106,7 @@ def test_mesh_specs_are_validated():
 
 def test_sharded_step_on_8_devices_equals_1_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
+    env.update(JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__)],
         env=env,
@@ -121,7 +121,7 @@ def test_sharded_step_on_8_devices_equals_1_device():
 
 def _compare_on_8_devices() -> None:
     """Two AdamW steps, plain jit on one device vs the 2x2x2 mesh (with accumulation)."""
-    from train.sharding import make_mesh
+    from jpeft.train.sharding import make_mesh
 
     assert jax.device_count() == 8, jax.devices()
     trainable, frozen = jpeft.split(lora_params())

@@ -10,10 +10,10 @@ import pytest
 from conftest import tiny_config
 
 import jpeft
-from models import llama
-from models.linear import matmul
-from train import TrainState, eval_step, train_step
-from train.step import check_batch, token_loss
+from jpeft.models import llama
+from jpeft.models.linear import matmul
+from jpeft.train import TrainState, eval_step, train_step
+from jpeft.train.step import check_batch, token_loss
 
 LR = 0.5
 CFG = tiny_config()

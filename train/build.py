@@ -11,15 +11,15 @@ import optax
 from jax.sharding import Mesh
 
 import jpeft
+from jpeft.models import llama
+from jpeft.models.config import LlamaConfig
+from jpeft.models.tokenizer import Tokenizer
 from jpeft.optim import adamw_8bit, paged
 from jpeft.optim.groups import adamw, decay_mask, with_clipping
-from models import llama
-from models.config import LlamaConfig
-from models.tokenizer import Tokenizer
-from train import methods
-from train.config import RunConfig
-from train.sharding import sharded_train_step
-from train.state import TrainState
+from jpeft.train import methods
+from jpeft.train.config import RunConfig
+from jpeft.train.sharding import sharded_train_step
+from jpeft.train.state import TrainState
 
 Params = dict[str, Any]
 

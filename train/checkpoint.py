@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.state import TrainState
+from jpeft.train.state import TrainState
 
 Tree = Any
 FORMAT = 1

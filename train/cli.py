@@ -2,7 +2,7 @@
 
 ``jpeft train`` with no arguments fine-tunes the bundled tiny LLaMA with LoRA on the
 bundled task and prints the held-out accuracy before and after. Every option of
-:class:`train.config.RunConfig` is a flag (``--batch-size 8``) and a config-file key;
+:class:`jpeft.train.config.RunConfig` is a flag (``--batch-size 8``) and a config-file key;
 every method option is a ``--<method>-<option>`` flag and a ``[<method>]`` key.
 """
 
@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from train import config, methods
-from train.values import type_name
+from jpeft.train import config, methods
+from jpeft.train.values import type_name
 
 EVAL_OPTIONS = ("eval_data", "seq_len", "packing", "eval_batch_size", "eval_samples")
 EVAL_OPTIONS += ("max_new_tokens", "mesh", "truncate")
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if getattr(args, "coordinator", None):
-            from train import distributed
+            from jpeft.train import distributed
 
             distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         return args.handler(args)
@@ -201,13 +201,13 @@ def run_config(args: argparse.Namespace, saved: str | None = None) -> config.Run
 
 
 def _train(args: argparse.Namespace) -> int:
-    from train.loop import train
+    from jpeft.train.loop import train
 
     return train(run_config(args, args.resume), resume=args.resume).exit_code
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from train import commands
+    from jpeft.train import commands
 
     run = run_config(args, args.run)
     commands.evaluate(run, commands.load_model(run, args.adapter, args.run, args.step))
@@ -215,7 +215,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from train import commands
+    from jpeft.train import commands
 
     run = run_config(args, args.run)
     model = commands.load_model(run, args.adapter, args.run, args.step)
@@ -236,7 +236,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from train import commands
+    from jpeft.train import commands
 
     run = run_config(args, args.run)
     model = commands.load_model(run, args.adapter, args.run, args.step)

@@ -17,24 +17,24 @@ import numpy as np
 
 import jpeft
 import jpeft.adapters  # registers the adapter methods for load_hf_adapter
-from models import generate as gen
-from models import hf
-from models.config import LlamaConfig
-from models.tokenizer import Tokenizer
-from train import build, data
-from train.checkpoint import Checkpointer
-from train.config import RunConfig
-from train.distributed import is_main, to_host
-from train.evaluate import EvalResult, Evaluator
-from train.metrics_log import say
-from train.prepare import (
+from jpeft.models import generate as gen
+from jpeft.models import hf
+from jpeft.models.config import LlamaConfig
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train import build, data
+from jpeft.train.checkpoint import Checkpointer
+from jpeft.train.config import RunConfig
+from jpeft.train.distributed import is_main, to_host
+from jpeft.train.evaluate import EvalResult, Evaluator
+from jpeft.train.metrics_log import say
+from jpeft.train.prepare import (
     check_seq_len,
     load_config_and_tokenizer,
     load_held_out,
     load_weights,
     packing,
 )
-from train.sharding import make_mesh, tree_shardings
+from jpeft.train.sharding import make_mesh, tree_shardings
 
 Params = dict[str, Any]
 

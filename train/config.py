@@ -24,16 +24,14 @@ import os
 import tomllib
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from train import methods
-from train.values import coerce
+from jpeft import assets
+from jpeft.train import methods
+from jpeft.train.values import coerce
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = "assets/"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -105,7 +103,7 @@ class RunConfig:
 
     @property
     def spec(self) -> methods.MethodSpec:
-        """The :class:`train.methods.MethodSpec` of ``method``."""
+        """The :class:`jpeft.train.methods.MethodSpec` of ``method``."""
         return methods.spec_for(self.method)
 
     def options(self) -> dict[str, Any]:
@@ -139,7 +137,7 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path!r}")
-    suffix = Path(path).suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     try:
         if suffix == ".toml":
             with open(path, "rb") as f:
@@ -249,17 +247,13 @@ def save(config: RunConfig, path: str | os.PathLike) -> None:
 
 
 def resolve_path(path: str) -> str:
-    """A bundled ``assets/...`` path that is missing here, looked up in the repository.
+    """A bundled ``assets/...`` path that is missing here, looked up in the installed package.
 
     Example:
         >>> os.path.isdir(resolve_path("assets/tiny-llama"))  # from any directory
         True
     """
-    if path.startswith(BUNDLED) and not os.path.exists(path):
-        bundled = REPO_ROOT / path
-        if bundled.exists():
-            return str(bundled)
-    return path
+    return assets.resolve(path)
 
 
 def _suggest(key: str, valid: Mapping[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """Multi-process (multi-host) runs: start-up, each process's share of a batch, host copies.
 
 Every process runs the same program on the same global batch order; each feeds only
-its own rows (:func:`local_rows`) and ``train.sharding.shard_batch`` assembles the
+its own rows (:func:`local_rows`) and ``jpeft.train.sharding.shard_batch`` assembles the
 global arrays. On CPU, processes talk through gloo collectives (JAX's default CPU
 implementation), so two processes on one machine are a real multi-host test::
 

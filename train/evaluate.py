@@ -1,6 +1,6 @@
 """Evaluation: held-out loss and perplexity, and task accuracy by greedy generation.
 
-Accuracy is exact match (``train.data.exact_match``) between the greedy continuation of
+Accuracy is exact match (``jpeft.train.data.exact_match``) between the greedy continuation of
 each record's prompt, cut at the end-of-sequence token, and the record's reference
 answer. All prompts are left-padded to one length and batches keep one size, so each
 of the two programs compiles once per tree structure of the params.
@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from models import generate, llama
-from models.config import LlamaConfig
-from models.context import Context
-from models.tokenizer import Tokenizer
-from train import data
-from train.distributed import local_rows, to_host
-from train.sharding import shard_batch
-from train.step import batch_loss
+from jpeft.models import generate, llama
+from jpeft.models.config import LlamaConfig
+from jpeft.models.context import Context
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train import data
+from jpeft.train.distributed import local_rows, to_host
+from jpeft.train.sharding import shard_batch
+from jpeft.train.step import batch_loss
 
 Params = dict[str, Any]
 

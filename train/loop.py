@@ -20,17 +20,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import jpeft
-from train import build, config
-from train.checkpoint import Checkpointer
-from train.config import RunConfig
-from train.data import BatchIterator
-from train.distributed import is_main, local_rows, sync, to_host
-from train.evaluate import EvalResult, Evaluator
-from train.interrupt import Interrupts
-from train.metrics_log import MetricsLog, Progress, peak_memory_bytes, say
-from train.prepare import load_config_and_tokenizer, load_data, load_weights, packing
-from train.report import finish
-from train.sharding import RULES, make_mesh, shard_batch
+from jpeft.train import build, config
+from jpeft.train.checkpoint import Checkpointer
+from jpeft.train.config import RunConfig
+from jpeft.train.data import BatchIterator
+from jpeft.train.distributed import is_main, local_rows, sync, to_host
+from jpeft.train.evaluate import EvalResult, Evaluator
+from jpeft.train.interrupt import Interrupts
+from jpeft.train.metrics_log import MetricsLog, Progress, peak_memory_bytes, say
+from jpeft.train.prepare import load_config_and_tokenizer, load_data, load_weights, packing
+from jpeft.train.report import finish
+from jpeft.train.sharding import RULES, make_mesh, shard_batch
 
 EXIT_CODES = {"done": 0, "diverged": 1, "interrupted": 130}
 

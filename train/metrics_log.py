@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from train.distributed import is_main
+from jpeft.train.distributed import is_main
 
 
 def say(message: str) -> None:

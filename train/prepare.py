@@ -14,11 +14,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from models import hf
-from models.config import LlamaConfig
-from models.tokenizer import Tokenizer
-from train import data, methods
-from train.config import RunConfig, resolve_path
+from jpeft.models import hf
+from jpeft.models.config import LlamaConfig
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train import data, methods
+from jpeft.train.config import RunConfig, resolve_path
 
 Params = dict[str, Any]
 
@@ -76,11 +76,8 @@ def load_weights(path: str, run: RunConfig) -> Params:
         >>> params = load_weights("assets/tiny-llama", RunConfig())  # doctest: +SKIP
     """
     quantize: str | hf.Quantizer | None = run.quantize
-    if quantize is not None:
-        import jpeft.quant  # noqa: F401  (registers the quantizers)
-
-        if run.method == "qlora":
-            quantize = _qlora_quantizer(run)
+    if quantize is not None and run.method == "qlora":
+        quantize = _qlora_quantizer(run)
     _, params = hf.load_pretrained(path, dtype=jnp.dtype(run.dtype), quantize=quantize)
     return params
 

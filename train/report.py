@@ -7,11 +7,11 @@ import os
 from typing import Any
 
 import jpeft
-from models.config import LlamaConfig
-from train.config import RunConfig
-from train.distributed import is_main, sync
-from train.evaluate import EvalResult
-from train.metrics_log import say
+from jpeft.models.config import LlamaConfig
+from jpeft.train.config import RunConfig
+from jpeft.train.distributed import is_main, sync
+from jpeft.train.evaluate import EvalResult
+from jpeft.train.metrics_log import say
 
 SAMPLES_SHOWN = 3
 

@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpeft.partition import combine
 from jpeft.sharding import is_axes, logical_axes
-from train.state import TrainState
-from train.step import Batch, train_step
+from jpeft.train.state import TrainState
+from jpeft.train.step import Batch, train_step
 
 Tree = Any
 Rules = Mapping[str, str | tuple[str, ...] | None]

@@ -28,9 +28,9 @@ class TrainState:
         opt_state: ``tx.init(trainable)``.
         rng: base dropout key; step ``s`` uses ``fold_in(rng, s)``, so a resumed run
             draws exactly the same masks as an uninterrupted one.
-        apply_fn: ``model.apply`` of a :class:`models.llama.Llama` (static).
+        apply_fn: ``model.apply`` of a :class:`jpeft.models.llama.Llama` (static).
         tx: the optax optimizer (static).
-        grad_accum_steps: micro-batches per step (static; see :func:`train.train_step`).
+        grad_accum_steps: micro-batches per step (static; see :func:`jpeft.train.train_step`).
         lr_schedule: optional ``step -> learning rate``, reported in the step metrics.
 
     Example:

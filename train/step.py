@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft.partition import combine
-from train.state import TrainState
+from jpeft.train.state import TrainState
 
 Tree = Any
 Batch = dict[str, jax.Array]

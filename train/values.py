@@ -9,7 +9,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from train.methods import RE_PREFIX
+from jpeft.train.methods import RE_PREFIX
 
 _UNIONS = (typing.Union, types.UnionType)
 _TRUE = ("true", "yes", "on", "1")

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.method import Method, Params, register
+from jpeft.models import hooks
+from jpeft.models.config import LlamaConfig
+from jpeft.models.context import Context
 from jpeft.nodes import Node, node
-from models import hooks
-from models.config import LlamaConfig
-from models.context import Context
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.method import Method, Params, register
+from jpeft.models import hooks
+from jpeft.models.config import LlamaConfig
+from jpeft.models.context import Context
+from jpeft.models.linear import linear
 from jpeft.nodes import Node, node
-from models import hooks
-from models.config import LlamaConfig
-from models.context import Context
-from models.linear import linear
 
 _PEFT_PREFIX = "base_model.model.model.layers.{}.self_attn"
 

@@ -20,9 +20,9 @@ from jpeft.lora.multi import BASE, adapter_names, add_adapter, set_adapter
 from jpeft.lora.node import LoRAAdapter, LoRAWeight
 from jpeft.lora.targets import ALL_LINEAR, ModulePlan, resolve
 from jpeft.method import Method, Params, register
-from models.config import LlamaConfig
-from models.hf_names import group_of
-from models.linear import dense
+from jpeft.models.config import LlamaConfig
+from jpeft.models.hf_names import group_of
+from jpeft.models.linear import dense
 
 INITS = ("default", "gaussian")
 

@@ -34,9 +34,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpeft.models.context import Context
+from jpeft.models.linear import dense, matmul
 from jpeft.nodes import Node, is_node, node
-from models.context import Context
-from models.linear import dense, matmul
 
 
 @node(trainable=("a", "b", "magnitude"), static=("name", "index", "dropout"))

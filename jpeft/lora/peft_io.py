@@ -20,7 +20,7 @@ import numpy as np
 
 from jpeft.lora.node import LoRAWeight
 from jpeft.lora.targets import ALL_LINEAR, ModulePlan, module_name
-from models.hf_names import PROJECTIONS, group_of
+from jpeft.models.hf_names import PROJECTIONS, group_of
 
 if TYPE_CHECKING:
     from jpeft.lora.method import LoRA

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from models.hf_names import PROJECTIONS, group_of
+from jpeft.models.hf_names import PROJECTIONS, group_of
 
 ALL_LINEAR = "all-linear"
 

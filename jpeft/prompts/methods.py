@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.method import Method, Params, register
+from jpeft.models.config import LlamaConfig
 from jpeft.prompts import encoders, peft_io
 from jpeft.prompts.nodes import PromptEncoder, SoftPrompt, export_table, install, prompt_node
 from jpeft.prompts.prompt_init import INITS, check_init, init_options, peft_init_keys, start_prompt
-from models.config import LlamaConfig
 
 ENCODER_TYPES = ("MLP", "LSTM")
 

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.method import Method, Params, register
+from jpeft.models.config import LlamaConfig
 from jpeft.prompts import peft_io
 from jpeft.prompts.nodes import MultitaskPrompt, install, prompt_node
 from jpeft.prompts.prompt_init import check_init, init_options, peft_init_keys, start_prompt
-from models.config import LlamaConfig
 
 
 @register

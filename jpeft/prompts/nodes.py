@@ -1,8 +1,8 @@
 """Prompt-learning nodes and the model hooks that read them.
 
 ``params["prompt"]`` holds a soft prompt prepended to the input embeddings
-(:func:`models.hooks.prompt_embeddings`); ``params["prefix"]`` holds per-layer
-key/value prefixes (:func:`models.hooks.prefix_key_values`). Each node's
+(:func:`jpeft.models.hooks.prompt_embeddings`); ``params["prefix"]`` holds per-layer
+key/value prefixes (:func:`jpeft.models.hooks.prefix_key_values`). Each node's
 ``table()`` is the tensor peft saves as ``prompt_embeddings`` (the encoder
 output, never the encoder). None of them can fold into the base weights:
 ``merged()`` returns the node itself. Their arrays are small and replicated
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.models import hooks
+from jpeft.models.context import Context
 from jpeft.nodes import Node, node
 from jpeft.prompts import encoders
-from models import hooks
-from models.context import Context
 
 
 @node(trainable=("embedding",))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models.config import LlamaConfig
+from jpeft.models.config import LlamaConfig
 
 TABLE = "prompt_embeddings"
 

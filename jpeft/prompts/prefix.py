@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.method import Method, Params, register
+from jpeft.models.config import LlamaConfig
 from jpeft.prompts import encoders, peft_io
 from jpeft.prompts.nodes import Prefix, ProjectedPrefix, export_table, install
-from models.config import LlamaConfig
 
 
 @register

@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpeft.models.linear import dense
 from jpeft.prompts.peft_io import check_virtual_tokens
-from models.linear import dense
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -24,7 +24,7 @@ def text_token_ids(
     """The ``n`` token ids a TEXT init embeds: the text's ids cut or repeated to ``n``.
 
     ``tokenizer`` is anything with ``encode(text)`` returning ids (jpeft's
-    ``models.tokenizer.Tokenizer``, a transformers tokenizer, a ``tokenizers.Tokenizer``);
+    ``jpeft.models.tokenizer.Tokenizer``, a transformers tokenizer, a ``tokenizers.Tokenizer``);
     as with peft's ``tokenizer(text)["input_ids"]`` the tokenizer's default special
     tokens (LLaMA: BOS) are included. ``token_ids`` skips tokenizing.
 

@@ -1,7 +1,7 @@
 """bitsandbytes-compatible quantization: 4-bit NF4/FP4, double quantization, 8-bit dynamic.
 
-Importing it registers ``models.hf.load_pretrained(..., quantize="nf4")`` and the reader of
-pre-quantized bitsandbytes 4-bit checkpoints.
+:mod:`jpeft.plugins` registers ``load_pretrained(..., quantize="nf4")`` and the reader of
+pre-quantized bitsandbytes 4-bit checkpoints with the model loader.
 """
 
 from jpeft.quant.bnb_checkpoint import Bnb4bitFormat, bnb_4bit_format
@@ -68,19 +68,3 @@ __all__ = [
     "torch_sum",
     "unpack",
 ]
-
-
-def _quantize_on_load(kernel, module: str) -> QuantizedWeight:
-    """``models.hf.load_pretrained(..., quantize="nf4")``: NF4 + double quantization."""
-    return quantize(kernel, "nf4", blocksize=64, double_quant=True)
-
-
-def _register_loader() -> None:
-    from models.hf import register_quantizer
-    from models.packed import register_packed_format
-
-    register_quantizer("nf4", _quantize_on_load)
-    register_packed_format("bitsandbytes", bnb_4bit_format)
-
-
-_register_loader()

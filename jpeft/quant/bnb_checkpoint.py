@@ -15,7 +15,7 @@ transformers saves a ``Linear4bit`` weight ``W`` (torch ``[out, in]``) as:
 :func:`bnb_4bit_format` reads them into a :class:`QuantizedWeight` in the kernel
 layout: the same bits :func:`jpeft.quant.quantize` gives for the fp32 weights the
 checkpoint was made from (``tests/test_bnb_checkpoint.py``). ``jpeft.quant``
-registers it, so ``models.hf.load_pretrained`` reads such a directory directly.
+registers it, so ``jpeft.models.hf.load_pretrained`` reads such a directory directly.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jpeft.models.context import Context
+from jpeft.models.linear import dense, matmul
 from jpeft.nodes import Node, node
 from jpeft.quant.double import double_dequantize, double_quantize
 from jpeft.quant.fourbit import dequantize_kernel, quantize_kernel
-from models.context import Context
-from models.linear import dense, matmul
 
 
 @node(static=("quant_type", "blocksize"))

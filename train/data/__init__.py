@@ -1,8 +1,8 @@
 """The data pipeline: JSONL instruction records and text corpora, tokenized with loss masks,
 split for evaluation, and served as packed or length-bucketed int32 batches.
 
-    from models.tokenizer import Tokenizer
-    from train import data
+    from jpeft.models.tokenizer import Tokenizer
+    from jpeft.train import data
 
     tok = Tokenizer.from_dir("assets/tiny-llama")
     records = data.read_jsonl("assets/data/train.jsonl")
@@ -14,11 +14,11 @@ split for evaluation, and served as packed or length-bucketed int32 batches.
     state = batches.state    # {"epoch": 0, "index": 1}: save it, pass it back to resume
 """
 
-from train.data.batches import BatchIterator
-from train.data.bucket import bucket_plan, default_buckets
-from train.data.collate import BatchPlan, collate
-from train.data.corpus import corpus_examples, read_documents
-from train.data.encode import (
+from jpeft.train.data.batches import BatchIterator
+from jpeft.train.data.bucket import bucket_plan, default_buckets
+from jpeft.train.data.collate import BatchPlan, collate
+from jpeft.train.data.corpus import corpus_examples, read_documents
+from jpeft.train.data.encode import (
     Example,
     encode_chunks,
     encode_record,
@@ -26,11 +26,11 @@ from train.data.encode import (
     fit_length,
     generation_prompt,
 )
-from train.data.jsonl import Record, iter_jsonl, read_jsonl
-from train.data.load import load_examples
-from train.data.pack import pack_plan
-from train.data.split import split_eval
-from train.data.templates import exact_match, record_chunks, reference_answer
+from jpeft.train.data.jsonl import Record, iter_jsonl, read_jsonl
+from jpeft.train.data.load import load_examples
+from jpeft.train.data.pack import pack_plan
+from jpeft.train.data.split import split_eval
+from jpeft.train.data.templates import exact_match, record_chunks, reference_answer
 
 __all__ = [
     "BatchIterator",

@@ -6,10 +6,10 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from train.data.bucket import bucket_plan, default_buckets
-from train.data.collate import BatchPlan, collate
-from train.data.encode import Example, too_long_message
-from train.data.pack import pack_plan
+from jpeft.train.data.bucket import bucket_plan, default_buckets
+from jpeft.train.data.collate import BatchPlan, collate
+from jpeft.train.data.encode import Example, too_long_message
+from jpeft.train.data.pack import pack_plan
 
 
 class BatchIterator:

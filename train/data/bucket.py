@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from train.data.collate import BatchPlan
-from train.data.pack import group_rows
+from jpeft.train.data.collate import BatchPlan
+from jpeft.train.data.pack import group_rows
 
 
 def default_buckets(seq_len: int, smallest: int = 16) -> tuple[int, ...]:

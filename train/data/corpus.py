@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.tokenizer import Tokenizer
-from train.data.encode import Example
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train.data.encode import Example
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

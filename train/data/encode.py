@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.tokenizer import Tokenizer
-from train.data.jsonl import Record
-from train.data.templates import Chunk, record_chunks
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train.data.jsonl import Record
+from jpeft.train.data.templates import Chunk, record_chunks
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

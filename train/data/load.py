@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from models.tokenizer import Tokenizer
-from train.data.corpus import corpus_examples, read_documents
-from train.data.encode import Example, encode_records, fit_length
-from train.data.jsonl import read_jsonl
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train.data.corpus import corpus_examples, read_documents
+from jpeft.train.data.encode import Example, encode_records, fit_length
+from jpeft.train.data.jsonl import read_jsonl
 
 
 def load_examples(

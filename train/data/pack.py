@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from train.data.collate import BatchPlan
+from jpeft.train.data.collate import BatchPlan
 
 
 def pack_plan(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from train.data.jsonl import Record
+from jpeft.train.data.jsonl import Record
 
 
 def split_eval(

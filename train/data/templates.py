@@ -16,8 +16,8 @@ same in training and at generation time (``generation_prompt``).
 
 from __future__ import annotations
 
-from models.tokenizer import Tokenizer
-from train.data.jsonl import Record
+from jpeft.models.tokenizer import Tokenizer
+from jpeft.train.data.jsonl import Record
 
 Chunk = tuple[str, bool]  # (text, is_target)
 
