@@ -34,7 +34,6 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
-
 def _find_target_config() -> str:
     """``$JPEFT_H100_TARGET``, else ``shared/tools/h100_sxm.txtpb`` in a folder above this one."""
     if "JPEFT_H100_TARGET" in os.environ:
@@ -107,7 +106,7 @@ def abstract(tree: Any, mesh: Mesh, spec: Callable[[Any], PartitionSpec] | None 
 def compile_on(
     mesh: Mesh, fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = ()
 ) -> Any:
-    """``jax.jit(fn).lower(*args).compile()`` for the mesh's devices (args from :func:`abstract`)."""
+    """``jax.jit(fn).lower(*args).compile()`` on the mesh (``args`` from :func:`abstract`)."""
     with mesh:
         return jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
 
