@@ -9,7 +9,7 @@ import jax
 from jpeft.lora import LoRA
 from jpeft.method import Params
 from jpeft.models.config import LlamaConfig
-from jpeft.models.hf_names import PROJECTIONS, group_of
+from jpeft.models.param_spec import PROJECTIONS, group_of
 from jpeft.quant import QuantizedWeight, quantize
 
 

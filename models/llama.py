@@ -1,16 +1,9 @@
 """The LLaMA decoder as a pure function of a params pytree, and its Flax module.
 
-Params layout (layer entries carry a leading ``num_hidden_layers`` axis)::
-
-    embed_tokens/embedding          [vocab, hidden]
-    layers/input_layernorm/scale    [L, hidden]
-    layers/self_attn/{q,k,v,o}_proj/kernel (+bias)   [L, in, out]
-    layers/post_attention_layernorm/scale
-    layers/mlp/{gate,up,down}_proj/kernel (+bias)
-    norm/scale                      [hidden]
-    lm_head/kernel                  [hidden, vocab]   (absent when tied)
-
-plus optional PEFT entries read through :mod:`jpeft.models.hooks`.
+The params layout (every leaf's path, shape, logical axes and HF name) is
+:data:`jpeft.models.param_spec.LAYOUT`, printed by :func:`jpeft.models.param_spec.describe`;
+entries under ``layers`` carry a leading ``num_hidden_layers`` axis. PEFT methods add
+optional entries read through :mod:`jpeft.models.hooks`.
 """
 
 from __future__ import annotations
@@ -21,15 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jpeft.models import hooks
+from jpeft.models import hooks, param_spec
 from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.layers import decoder_layer, rms_norm
 from jpeft.models.linear import dense, linear
+from jpeft.models.pytree import Params, put_path
 from jpeft.models.rope import rotary_tables
-
-Params = dict[str, Any]
 
 REMAT_POLICIES = {
     "none": None,
@@ -183,7 +175,9 @@ def _run_layers(params, cfg, x, rope, attn_mask, extras, cache, ctx, remat, atte
 
 
 def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32) -> Params:
-    """Random base params (normal std 0.02, unit norms), as HF initializes LLaMA.
+    """Random base params (normal std 0.02, unit norms, zero biases), as HF initializes LLaMA.
+
+    Every leaf comes from its :class:`jpeft.models.param_spec.ParamSpec`.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -191,42 +185,11 @@ def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32
         >>> init_params(jax.random.key(0), cfg)["layers"]["mlp"]["up_proj"]["kernel"].shape
         (2, 16, 32)
     """
-    n, h, d = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim
-    q_out, kv_out = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    shapes = {
-        "q_proj": (h, q_out, cfg.attention_bias),
-        "k_proj": (h, kv_out, cfg.attention_bias),
-        "v_proj": (h, kv_out, cfg.attention_bias),
-        "o_proj": (q_out, h, cfg.attention_bias),
-        "gate_proj": (h, cfg.intermediate_size, cfg.mlp_bias),
-        "up_proj": (h, cfg.intermediate_size, cfg.mlp_bias),
-        "down_proj": (cfg.intermediate_size, h, cfg.mlp_bias),
-    }
-    names = [*shapes, "embed", "head"]
-    keys = dict(zip(names, jax.random.split(key, len(names)), strict=True))
-
-    def proj(name: str) -> Params:
-        fan_in, fan_out, bias = shapes[name]
-        p = {"kernel": 0.02 * jax.random.normal(keys[name], (n, fan_in, fan_out), dtype)}
-        if bias:
-            p["bias"] = jnp.zeros((n, fan_out), dtype)
-        return p
-
-    params: Params = {
-        "embed_tokens": {
-            "embedding": 0.02 * jax.random.normal(keys["embed"], (cfg.vocab_size, h), dtype)
-        },
-        "layers": {
-            "input_layernorm": {"scale": jnp.ones((n, h), dtype)},
-            "self_attn": {name: proj(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
-            "post_attention_layernorm": {"scale": jnp.ones((n, h), dtype)},
-            "mlp": {name: proj(name) for name in ("gate_proj", "up_proj", "down_proj")},
-        },
-        "norm": {"scale": jnp.ones((h,), dtype)},
-    }
-    if not cfg.tie_word_embeddings:
-        head = 0.02 * jax.random.normal(keys["head"], (h, cfg.vocab_size), dtype)
-        params["lm_head"] = {"kernel": head}
+    drawn = param_spec.random_leaves()
+    keys = dict(zip(drawn, jax.random.split(key, len(drawn)), strict=True))
+    params: Params = {}
+    for spec in param_spec.specs(cfg):
+        put_path(params, spec.path, spec.initial(keys.get(spec), cfg, dtype))
     return params
 
 

@@ -19,6 +19,7 @@ from jpeft.method import Method, Params, register
 from jpeft.models import hooks
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
+from jpeft.models.param_spec import module_name
 from jpeft.nodes import Node, node
 
 ACTIVATIONS = {
@@ -176,7 +177,7 @@ class Adapter(Method):
         for position in self.positions:
             node_ = params["layers"][f"adapter_{position}"]
             for i in np.flatnonzero(self._active(cfg)):
-                prefix = f"model.layers.{i}.adapter_{position}"
+                prefix = module_name(i, f"adapter_{position}")
                 for field, (suffix, transposed) in _FILE_NAMES.items():
                     array = np.asarray(getattr(node_, field)[i])
                     out[f"{prefix}.{suffix}"] = array.T if transposed else array
@@ -208,7 +209,7 @@ class Adapter(Method):
             node_ = layers[f"adapter_{position}"]
             fields = {f: np.array(getattr(node_, f)) for f in node_.trainable_fields}
             for i in np.flatnonzero(method._active(cfg)):
-                prefix = f"model.layers.{i}.adapter_{position}"
+                prefix = module_name(i, f"adapter_{position}")
                 for field, (suffix, transposed) in _FILE_NAMES.items():
                     slot = fields[field][i].T if transposed else fields[field][i]
                     found = _tensor(tensors, f"{prefix}.{suffix}", slot)

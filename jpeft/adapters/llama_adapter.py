@@ -21,9 +21,10 @@ from jpeft.models import hooks
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import linear
+from jpeft.models.param_spec import module_name
 from jpeft.nodes import Node, node
 
-_PEFT_PREFIX = "base_model.model.model.layers.{}.self_attn"
+_PEFT_PREFIX = "base_model.model."
 
 
 @node(trainable=("prompt", "gate"))
@@ -99,7 +100,7 @@ class LlamaAdapter(Method):
         node_ = params["adaption"]
         out = {}
         for j, layer in enumerate(self._top_layers(cfg)):
-            prefix = _PEFT_PREFIX.format(layer)
+            prefix = _PEFT_PREFIX + module_name(layer, "self_attn")
             out[f"{prefix}.adaption_prompt"] = np.asarray(node_.prompt[j])[None]
             out[f"{prefix}.adaption_gate"] = np.asarray(node_.gate[j])
         return out
@@ -120,7 +121,7 @@ class LlamaAdapter(Method):
         method._check(cfg)
         prompts, gates = [], []
         for layer in method._top_layers(cfg):
-            prefix = _PEFT_PREFIX.format(layer)
+            prefix = _PEFT_PREFIX + module_name(layer, "self_attn")
             prompt = _tensor(
                 tensors, f"{prefix}.adaption_prompt", (1, method.adapter_len, cfg.hidden_size)
             )

@@ -21,8 +21,8 @@ from jpeft.lora.node import LoRAAdapter, LoRAWeight
 from jpeft.lora.targets import ALL_LINEAR, ModulePlan, resolve
 from jpeft.method import Method, Params, register
 from jpeft.models.config import LlamaConfig
-from jpeft.models.hf_names import group_of
 from jpeft.models.linear import dense
+from jpeft.models.param_spec import group_of
 
 INITS = ("default", "gaussian")
 

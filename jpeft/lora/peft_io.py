@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.lora.node import LoRAWeight
-from jpeft.lora.targets import ALL_LINEAR, ModulePlan, module_name
-from jpeft.models.hf_names import PROJECTIONS, group_of
+from jpeft.lora.targets import ALL_LINEAR, ModulePlan
+from jpeft.models.param_spec import PROJECTIONS, group_of, module_name
 
 if TYPE_CHECKING:
     from jpeft.lora.method import LoRA
