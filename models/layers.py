@@ -92,10 +92,10 @@ def decoder_layer(
     h = rms_norm(p["input_layernorm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)
     h, updated = self_attention(p["self_attn"], h, rope, mask, cfg, ctx, kv, attention_impl)
     if "adapter_attn" in p:
-        h = hooks.adapter(p["adapter_attn"], h, ctx, "adapter_attn")
+        h = hooks.adapter_output(p["adapter_attn"], h, ctx, "adapter_attn")
     x = x + h
     h = rms_norm(p["post_attention_layernorm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)
     h = mlp(p["mlp"], h, ctx)
     if "adapter_mlp" in p:
-        h = hooks.adapter(p["adapter_mlp"], h, ctx, "adapter_mlp")
+        h = hooks.adapter_output(p["adapter_mlp"], h, ctx, "adapter_mlp")
     return x + h, updated

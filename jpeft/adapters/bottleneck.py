@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.method import Method, Params, register
-from jpeft.models import hooks
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.param_spec import module_name
@@ -40,13 +39,16 @@ _FILE_NAMES = {
 
 
 @node(
-    trainable=("down", "down_bias", "up", "up_bias"), static=("activation", "scaling", "residual")
+    trainable=("down", "down_bias", "up", "up_bias"),
+    static=("activation", "scaling", "residual"),
+    decay=("down", "up"),
 )
 class BottleneckAdapter(Node):
     """Per-layer adapter weights with a leading layer axis ``L``.
 
     ``active [L]`` (frozen, 0 or 1) switches the adapter off in layers it does not
-    apply to; their slots receive zero gradient and never change.
+    apply to; their slots receive zero gradient and never change. The matrices take
+    weight decay, the biases do not.
     """
 
     down: jax.Array  # [L, hidden, bottleneck]
@@ -58,15 +60,14 @@ class BottleneckAdapter(Node):
     scaling: float
     residual: bool
 
-
-@hooks.adapter.register(BottleneckAdapter)
-def _apply(node: BottleneckAdapter, h: jax.Array, ctx: Context, name: str) -> jax.Array:
-    dtype = ctx.dtype
-    z = h.astype(dtype) @ node.down.astype(dtype) + node.down_bias.astype(dtype)
-    z = ACTIVATIONS[node.activation](z)
-    delta = (z @ node.up.astype(dtype) + node.up_bias.astype(dtype)) * node.scaling
-    delta = delta * node.active.astype(dtype)
-    return h + delta if node.residual else delta + h * (1 - node.active.astype(dtype))
+    def adapter_output(self, h: jax.Array, ctx: Context, name: str) -> jax.Array:
+        """``h + scaling * up(act(down(h)))`` in this layer (``h`` itself where inactive)."""
+        dtype = ctx.dtype
+        z = h.astype(dtype) @ self.down.astype(dtype) + self.down_bias.astype(dtype)
+        z = ACTIVATIONS[self.activation](z)
+        delta = (z @ self.up.astype(dtype) + self.up_bias.astype(dtype)) * self.scaling
+        delta = delta * self.active.astype(dtype)
+        return h + delta if self.residual else delta + h * (1 - self.active.astype(dtype))
 
 
 @register

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.method import Method, Params, register
-from jpeft.models import hooks
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import linear
@@ -27,29 +26,31 @@ from jpeft.nodes import Node, node
 _PEFT_PREFIX = "base_model.model."
 
 
-@node(trainable=("prompt", "gate"))
+@node(trainable=("prompt", "gate"), decay=())
 class AdaptionPrompt(Node):
-    """Prompts ``[n_top, adapter_len, hidden]`` and gates ``[n_top, 1]`` of the top layers."""
+    """Prompts ``[n_top, adapter_len, hidden]`` and gates ``[n_top, 1]`` of the top layers.
+
+    Nothing in it takes weight decay.
+    """
 
     prompt: jax.Array
     gate: jax.Array
 
+    per_layer: ClassVar[bool] = True
 
-@hooks.adaption_output.register(AdaptionPrompt)
-def _adaption_output(
-    node: AdaptionPrompt, q: jax.Array, attn: dict[str, Any], ctx: Context
-) -> jax.Array:
-    b, t, heads, d = q.shape
-    prompt = node.prompt.astype(ctx.dtype)  # [adapter_len, hidden] inside the scan
-    k = linear(attn["k_proj"], prompt, ctx, "k_proj").reshape(prompt.shape[0], -1, d)
-    v = linear(attn["v_proj"], prompt, ctx, "v_proj").reshape(prompt.shape[0], -1, d)
-    groups = heads // k.shape[1]
-    k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)  # [len, heads, d]
-    scores = jnp.einsum("bthd,lhd->bhtl", q, k.astype(q.dtype)) / np.sqrt(d)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    probs = node.gate.astype(q.dtype) * probs
-    out = jnp.einsum("bhtl,lhd->bthd", probs, v.astype(q.dtype)).reshape(b, t, heads * d)
-    return linear(attn["o_proj"], out, ctx, "o_proj")
+    def adaption_output(self, q: jax.Array, attn: dict[str, Any], ctx: Context) -> jax.Array:
+        """The gated prompt attention of one layer (``self`` holds that layer's slice)."""
+        b, t, heads, d = q.shape
+        prompt = self.prompt.astype(ctx.dtype)  # [adapter_len, hidden] inside the scan
+        k = linear(attn["k_proj"], prompt, ctx, "k_proj").reshape(prompt.shape[0], -1, d)
+        v = linear(attn["v_proj"], prompt, ctx, "v_proj").reshape(prompt.shape[0], -1, d)
+        groups = heads // k.shape[1]
+        k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)  # [len, heads, d]
+        scores = jnp.einsum("bthd,lhd->bhtl", q, k.astype(q.dtype)) / np.sqrt(d)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+        probs = self.gate.astype(q.dtype) * probs
+        out = jnp.einsum("bhtl,lhd->bthd", probs, v.astype(q.dtype)).reshape(b, t, heads * d)
+        return linear(attn["o_proj"], out, ctx, "o_proj")
 
 
 @register

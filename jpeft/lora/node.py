@@ -36,15 +36,22 @@ import jax.numpy as jnp
 
 from jpeft.models.context import Context
 from jpeft.models.linear import dense, matmul
+from jpeft.models.pytree import Axes
 from jpeft.nodes import Node, is_node, node
 
 
-@node(trainable=("a", "b", "magnitude"), static=("name", "index", "dropout"))
+@node(
+    trainable=("a", "b", "magnitude"),
+    static=("name", "index", "dropout"),
+    decay=("a", "b"),
+    lora_plus=("b",),
+)
 class LoRAAdapter(Node):
     """One named, active adapter on one projection (see the module docstring for shapes).
 
     ``index`` is the adapter's position in the params-wide adapter list (what
-    ``ctx.adapter_ids`` refers to); ``dropout`` the rate on its input branch.
+    ``ctx.adapter_ids`` refers to); ``dropout`` the rate on its input branch. ``a`` and
+    ``b`` take weight decay, DoRA's magnitude does not; LoRA+ trains ``b`` faster.
 
     Example:
         >>> ad = LoRAAdapter(jnp.ones((4, 2)), jnp.zeros((2, 3)), jnp.float32(2.0), None,
@@ -126,7 +133,24 @@ class LoRAWeight(Node):
         growth, added = _merge_terms(self.adapters, w)
         return (w * growth + added).astype(base.dtype)
 
-    def logical_axes(self, base: tuple[str | None, ...] | None) -> LoRAWeight:
+    def dense(self) -> jax.Array:
+        return self.merged()
+
+    def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
+        """``x (W + sum of the adapters)``; with ``ctx.adapter_ids`` each row takes its own."""
+        y = matmul(self.base, x, ctx, name)
+        ids = ctx.adapter_ids
+        out = y
+        for ad in self.adapters:
+            if ids is None:
+                if _is_active(ad):
+                    out = out + _adapter_output(self, ad, x, y, ctx, name)
+                continue
+            rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
+            out = out + jnp.where(rows, _adapter_output(self, ad, x, y, ctx, name), 0)
+        return out
+
+    def logical_axes(self, base: Axes | None) -> LoRAWeight:
         """``a`` takes the base's input axis, ``b`` its output axis; the base keeps its own.
 
         Works on either part of :func:`jpeft.split` too (absent fields stay None).
@@ -207,26 +231,6 @@ def _adapter_output(
     return (factor - 1) * base_term + factor * lora
 
 
-@matmul.register(LoRAWeight)
-def _matmul_lora(w: LoRAWeight, x: jax.Array, ctx: Context, name: str) -> jax.Array:
-    y = matmul(w.base, x, ctx, name)
-    ids = ctx.adapter_ids
-    out = y
-    for ad in w.adapters:
-        if ids is None:
-            if _is_active(ad):
-                out = out + _adapter_output(w, ad, x, y, ctx, name)
-            continue
-        rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
-        out = out + jnp.where(rows, _adapter_output(w, ad, x, y, ctx, name), 0)
-    return out
-
-
-@dense.register(LoRAWeight)
-def _dense_lora(w: LoRAWeight) -> jax.Array:
-    return w.merged()
-
-
 def unmerge(merged: Any, lora_params: Any) -> Any:
     """Undo :func:`jpeft.merge`: ``lora_params`` with each LoRA node's base taken from ``merged``.
 
@@ -240,18 +244,18 @@ def unmerge(merged: Any, lora_params: Any) -> Any:
         >>> restored = jpeft.unmerge(merged, params)                      # doctest: +SKIP
     """
 
-    def restore(node_: Any, m: Any) -> Any:
-        if not isinstance(node_, LoRAWeight):
-            return node_
+    def restore(weight: Any, m: Any) -> Any:
+        if not isinstance(weight, LoRAWeight):
+            return weight
         m32 = jnp.asarray(m, jnp.float32)
-        dora = any(ad.magnitude is not None for ad in filter(_is_active, node_.adapters))
-        if dora and node_.base is None:
+        dora = any(ad.magnitude is not None for ad in filter(_is_active, weight.adapters))
+        if dora and weight.base is None:
             raise ValueError(
                 "unmerge: a DoRA adapter cannot be unmerged without its base weight (merging "
                 "loses the base's column norms); pass params whose LoRA nodes hold their base"
             )
-        w = dense(node_.base).astype(jnp.float32) if dora else m32
-        growth, added = _merge_terms(node_.adapters, w)
-        return LoRAWeight(((m32 - added) / growth).astype(jnp.asarray(m).dtype), node_.adapters)
+        w = dense(weight.base).astype(jnp.float32) if dora else m32
+        growth, added = _merge_terms(weight.adapters, w)
+        return LoRAWeight(((m32 - added) / growth).astype(jnp.asarray(m).dtype), weight.adapters)
 
     return jax.tree.map(restore, lora_params, merged, is_leaf=is_node)
