@@ -23,15 +23,23 @@ Declaring a node::
 Fields listed in ``static`` are pytree metadata (hashable Python values); all
 other fields are children. A child that is itself a node is partitioned
 recursively (e.g. LoRA over an NF4 base).
+
+"This layer has no adapter" is said one way by every method: a per-layer node keeps
+the full leading layer axis and a frozen ``layer_mask [L]`` (:func:`layer_mask`: 1 where
+the method adapts the layer, 0 elsewhere) that multiplies its contribution, so the
+masked layers' slots get exactly zero gradient and never change; the layer scan runs
+over all layers at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jpeft.models.context import Context
 from jpeft.models.hooks import ParamNode
@@ -111,6 +119,42 @@ def node(
         return cls
 
     return wrap
+
+
+def adapted_layers(layers: Sequence[int] | None, num_layers: int, owner: str) -> tuple[int, ...]:
+    """The sorted layer indices a method adapts (all when ``layers`` is None), checked.
+
+    Example:
+        >>> adapted_layers(None, 3, "Adapter"), adapted_layers((2, 0), 3, "Adapter")
+        ((0, 1, 2), (0, 2))
+    """
+    chosen = range(num_layers) if layers is None else layers
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"{owner}: layers {bad} out of range for {num_layers} layers")
+    return tuple(sorted(set(chosen)))
+
+
+def layer_mask(layers: Sequence[int] | None, num_layers: int, owner: str) -> jax.Array:
+    """float32 ``[num_layers]``: 1 in the layers a method adapts (all when None), 0 elsewhere.
+
+    Example:
+        >>> layer_mask((1,), 3, "Adapter").tolist()
+        [0.0, 1.0, 0.0]
+    """
+    mask = np.zeros(num_layers, np.float32)
+    mask[list(adapted_layers(layers, num_layers, owner))] = 1.0
+    return jnp.asarray(mask)
+
+
+def masked_layers(mask: jax.Array) -> tuple[int, ...]:
+    """The layers a ``layer_mask`` keeps: where a method's adapter exists (what its file holds).
+
+    Example:
+        >>> masked_layers(jnp.array([0.0, 1.0, 1.0]))
+        (1, 2)
+    """
+    return tuple(int(i) for i in np.flatnonzero(np.asarray(mask)))
 
 
 def is_node(x: Any) -> bool:

@@ -49,19 +49,13 @@ class GenerationResult:
 
 
 def virtual_tokens(params: Params, batch_size: int, ctx: Context | None = None) -> int:
-    """Cache slots the soft prompt (``params["prompt"]``) occupies; 0 without one.
+    """Cache slots the soft prompts of ``params`` occupy; 0 without one.
 
     Example:
         >>> virtual_tokens({"embed_tokens": {}}, batch_size=2)
         0
     """
-    if "prompt" not in params:
-        return 0
-    ctx = ctx or Context()
-    shape = jax.eval_shape(
-        lambda p: hooks.prompt_embeddings(p, batch_size, ctx), params["prompt"]
-    ).shape
-    return int(shape[1])
+    return hooks.prompt_length(params, batch_size, ctx or Context())
 
 
 def prefill(

@@ -27,6 +27,7 @@ layer axis, is sliced by the layer scan with the layer's params, and is asked fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, ClassVar
 
@@ -34,6 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models.context import Context
+from jpeft.models.param_spec import BASE_ENTRIES
+from jpeft.models.pytree import Params
 
 
 class ParamNode:
@@ -126,3 +129,66 @@ def adaption_output(
     if isinstance(node, ParamNode):
         return node.adaption_output(q, attn, ctx)
     raise _not_a_node("adaption_output", node)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInputs:
+    """What the PEFT entries of a params tree give one forward call.
+
+    Attributes:
+        prompt: virtual tokens ``[B, n, hidden]`` to prepend (all entries' prompts,
+            in entry order), or None.
+        prefix: keys and values ``[L, B, n, kv_heads, head_dim]`` to prepend in every
+            layer, or None.
+        per_layer: the ``per_layer`` nodes by entry name, scanned with the layers.
+    """
+
+    prompt: jax.Array | None
+    prefix: tuple[jax.Array, jax.Array] | None
+    per_layer: dict[str, Any]
+
+
+def method_inputs(params: Params, batch_size: int, ctx: Context, prefill: bool) -> MethodInputs:
+    """Ask every top-level entry outside the base layout for its forward inputs, alike.
+
+    Prompts are asked for only when ``prefill`` (the first call on a cache, or no
+    cache). Raises ``ValueError`` for an entry that takes no part in the forward pass.
+
+    Example:
+        >>> method_inputs({"embed_tokens": {}, "layers": {}}, 2, Context(), True).prompt is None
+        True
+    """
+    prompts, keys, values, per_layer = [], [], [], {}
+    for name, entry in params.items():
+        if name in BASE_ENTRIES:
+            continue
+        prompt = prompt_embeddings(entry, batch_size, ctx) if prefill else None
+        prefix = prefix_key_values(entry, batch_size, ctx)
+        if getattr(entry, "per_layer", False):
+            per_layer[name] = entry
+        elif prefill and prompt is None and prefix is None:
+            raise ValueError(
+                f"params[{name!r}] ({type(entry).__name__}) takes no part in the forward pass: "
+                "a top-level PEFT entry must give a prompt, a prefix or be per_layer"
+            )
+        if prompt is not None:
+            prompts.append(prompt.astype(ctx.dtype))
+        if prefix is not None:
+            keys.append(prefix[0])
+            values.append(prefix[1])
+    return MethodInputs(
+        prompt=jnp.concatenate(prompts, axis=1) if prompts else None,
+        prefix=(jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2)) if keys else None,
+        per_layer=per_layer,
+    )
+
+
+def prompt_length(params: Params, batch_size: int, ctx: Context) -> int:
+    """How many virtual tokens the entries of ``params`` prepend (cache slots they take).
+
+    Example:
+        >>> prompt_length({"embed_tokens": {}}, 2, Context())
+        0
+    """
+    shape = jax.eval_shape(lambda p: method_inputs(p, batch_size, ctx, prefill=True).prompt, params)
+    return 0 if shape is None else int(shape.shape[1])

@@ -48,8 +48,9 @@ def self_attention(
 
     ``kv`` carries this layer's optional extras: ``cache_k/cache_v`` with the
     write position ``length`` (decoding), ``prefix_k/prefix_v`` (prepended
-    keys/values), and ``adaption`` (a LLaMA-Adapter node). Returns the output and
-    the updated cache entries.
+    keys/values), and ``nodes`` (this layer's slice of every ``per_layer`` PEFT node,
+    each asked for its :func:`jpeft.models.hooks.adaption_output`). Returns the output
+    and the updated cache entries.
     """
     b, t, _ = x.shape
     heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -73,8 +74,10 @@ def self_attention(
         q, k, v, mask=mask[:, None], scale=d**-0.5, implementation=attention_impl
     )
     out = linear(p["o_proj"], out.reshape(b, t, heads * d), ctx, "o_proj")
-    if "adaption" in kv:
-        out = out + hooks.adaption_output(kv["adaption"], q, p, ctx).astype(out.dtype)
+    for layer_node in kv.get("nodes", {}).values():
+        added = hooks.adaption_output(layer_node, q, p, ctx)
+        if added is not None:
+            out = out + added.astype(out.dtype)
     return out, updated
 
 

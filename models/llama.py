@@ -70,24 +70,16 @@ def forward(
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
     mask = mask.astype(jnp.int32)
     x = dense(params["embed_tokens"]["embedding"])[input_ids].astype(ctx.dtype)
-
-    n_prompt = 0
-    if "prompt" in params and (cache is None or not cache.started):
-        if segment_ids is not None:
-            raise ValueError("soft prompts cannot be combined with packed rows (segment_ids)")
-        prompt = hooks.prompt_embeddings(params["prompt"], b, ctx).astype(ctx.dtype)
-        n_prompt = prompt.shape[1]
-        x = jnp.concatenate([prompt, x], axis=1)
-        mask = jnp.concatenate([jnp.ones((b, n_prompt), jnp.int32), mask], axis=1)
-        if position_ids is not None:
-            virtual = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
-            position_ids = jnp.concatenate([virtual, position_ids + n_prompt], axis=1)
+    peft = hooks.method_inputs(params, b, ctx, prefill=cache is None or not cache.started)
+    x, mask, position_ids, n_prompt = _prepend_prompt(
+        peft.prompt, x, mask, position_ids, segment_ids
+    )
 
     extras: dict[str, jax.Array] = {}
     n_prefix = 0
-    if "prefix" in params:
-        extras["prefix_k"], extras["prefix_v"] = hooks.prefix_key_values(params["prefix"], b, ctx)
-        n_prefix = extras["prefix_k"].shape[2]
+    if peft.prefix is not None:
+        extras["prefix_k"], extras["prefix_v"] = peft.prefix
+        n_prefix = peft.prefix[0].shape[2]
 
     past = 0 if cache is None else jnp.sum(cache.mask, axis=1, keepdims=True)
     if position_ids is None:
@@ -108,9 +100,8 @@ def forward(
             [jnp.ones((b, attn_mask.shape[1], n_prefix), bool), attn_mask], axis=2
         )
 
-    x, updated = _run_layers(
-        params, cfg, x, rope, attn_mask, extras, cache, ctx, remat, attention_impl
-    )
+    per_layer = {"layer": params["layers"], "nodes": peft.per_layer, **extras}
+    x, updated = _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention_impl)
     x = rms_norm(params["norm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)[:, n_prompt:]
     if cfg.tie_word_embeddings:
         logits = x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
@@ -128,6 +119,27 @@ def forward(
     return logits, new_cache
 
 
+def _prepend_prompt(
+    prompt: jax.Array | None,
+    x: jax.Array,
+    mask: jax.Array,
+    position_ids: jax.Array | None,
+    segment_ids: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
+    """Virtual tokens ``prompt [B, n, H]`` before ``x``: ``(x, mask, position_ids, n)``."""
+    if prompt is None:
+        return x, mask, position_ids, 0
+    if segment_ids is not None:
+        raise ValueError("soft prompts cannot be combined with packed rows (segment_ids)")
+    b, n = prompt.shape[:2]
+    x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
+    mask = jnp.concatenate([jnp.ones((b, n), jnp.int32), mask], axis=1)
+    if position_ids is not None:
+        virtual = jnp.broadcast_to(jnp.arange(n), (b, n))
+        position_ids = jnp.concatenate([virtual, position_ids + n], axis=1)
+    return x, mask, position_ids, n
+
+
 def _causal_mask(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     t = valid.shape[1]
     allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (valid[:, None, :] > 0)
@@ -143,35 +155,25 @@ def _cached_mask(slot_valid: jax.Array, length: jax.Array, t: int) -> jax.Array:
     return causal[None] & (slot_valid[:, None, :] > 0)
 
 
-def _run_layers(params, cfg, x, rope, attn_mask, extras, cache, ctx, remat, attention_impl):
-    """Scan the stacked layers; a LLaMA-Adapter node splits the stack in two segments."""
-    layers = params["layers"]
-    n_layers = cfg.num_hidden_layers
-    per_layer = {"layer": layers, "index": jnp.arange(n_layers), **extras}
-    adaption = params.get("adaption")
-    n_top = 0 if adaption is None else jax.tree.leaves(adaption)[0].shape[0]
+def _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention_impl):
+    """One scan over all layers; ``per_layer`` holds the layer params and every per-layer input.
+
+    ``per_layer["layer"]`` are the stacked layer params, ``per_layer["nodes"]`` the
+    PEFT nodes with a leading layer axis, and the rest (prefix or cache keys/values)
+    per-layer arrays; each step gets the slice of all of them for its layer.
+    """
+    xs = {**per_layer, "index": jnp.arange(cfg.num_hidden_layers)}
 
     def body(h, xs):
         kv = {k: v for k, v in xs.items() if k not in ("layer", "index")}
         if cache is not None:
             kv["length"] = cache.length
-        h, updated = decoder_layer(
-            xs["layer"], h, rope, attn_mask, cfg, ctx.for_layer(xs["index"]), kv, attention_impl
-        )
-        return h, updated
+        ctx_layer = ctx.for_layer(xs["index"])
+        return decoder_layer(xs["layer"], h, rope, attn_mask, cfg, ctx_layer, kv, attention_impl)
 
-    policy = REMAT_POLICIES[remat]
     if remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-
-    split = n_layers - n_top
-    bottom = jax.tree.map(lambda a: a[:split], per_layer)
-    x, updated = jax.lax.scan(body, x, bottom)
-    if n_top:
-        top = jax.tree.map(lambda a: a[split:], per_layer)
-        x, updated_top = jax.lax.scan(body, x, {**top, "adaption": adaption})
-        updated = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), updated, updated_top)
-    return x, updated
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, xs)
 
 
 def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32) -> Params:

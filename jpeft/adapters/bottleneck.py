@@ -19,7 +19,7 @@ from jpeft.method import Method, Params, register
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.param_spec import module_name
-from jpeft.nodes import Node, node
+from jpeft.nodes import Node, adapted_layers, layer_mask, node
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -46,16 +46,16 @@ _FILE_NAMES = {
 class BottleneckAdapter(Node):
     """Per-layer adapter weights with a leading layer axis ``L``.
 
-    ``active [L]`` (frozen, 0 or 1) switches the adapter off in layers it does not
-    apply to; their slots receive zero gradient and never change. The matrices take
-    weight decay, the biases do not.
+    ``layer_mask [L]`` (frozen, :func:`jpeft.nodes.layer_mask`) switches the adapter off
+    in layers it does not apply to; their slots receive zero gradient and never
+    change. The matrices take weight decay, the biases do not.
     """
 
     down: jax.Array  # [L, hidden, bottleneck]
     down_bias: jax.Array  # [L, bottleneck]
     up: jax.Array  # [L, bottleneck, hidden]
     up_bias: jax.Array  # [L, hidden]
-    active: jax.Array  # [L]
+    layer_mask: jax.Array  # [L]
     activation: str
     scaling: float
     residual: bool
@@ -66,8 +66,8 @@ class BottleneckAdapter(Node):
         z = h.astype(dtype) @ self.down.astype(dtype) + self.down_bias.astype(dtype)
         z = ACTIVATIONS[self.activation](z)
         delta = (z @ self.up.astype(dtype) + self.up_bias.astype(dtype)) * self.scaling
-        delta = delta * self.active.astype(dtype)
-        return h + delta if self.residual else delta + h * (1 - self.active.astype(dtype))
+        mask = self.layer_mask.astype(dtype)
+        return h + delta * mask if self.residual else delta * mask + h * (1 - mask)
 
 
 @register
@@ -128,19 +128,13 @@ class Adapter(Method):
             raise ValueError(f"Adapter: bottleneck width {width} must be positive")
         return width
 
-    def _active(self, cfg: LlamaConfig) -> np.ndarray:
-        n = cfg.num_hidden_layers
-        layers = range(n) if self.layers is None else self.layers
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"Adapter: layers {bad} out of range for {n} layers")
-        active = np.zeros(n, np.float32)
-        active[list(layers)] = 1.0
-        return active
+    def adapted_layers(self, cfg: LlamaConfig) -> tuple[int, ...]:
+        """The layers that get an adapter."""
+        return adapted_layers(self.layers, cfg.num_hidden_layers, "Adapter")
 
     def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
         n, hidden, width = cfg.num_hidden_layers, cfg.hidden_size, self.width(cfg)
-        active = jnp.asarray(self._active(cfg))
+        mask = layer_mask(self.layers, n, "Adapter")
         layers = dict(params["layers"])
         for position, k in zip(self.positions, jax.random.split(key, 2), strict=False):
             name = f"adapter_{position}"
@@ -151,7 +145,7 @@ class Adapter(Method):
                 down_bias=jnp.zeros((n, width), jnp.float32),
                 up=jnp.zeros((n, width, hidden), jnp.float32),
                 up_bias=jnp.zeros((n, hidden), jnp.float32),
-                active=active[:, None, None, None],
+                layer_mask=mask,
                 activation=self.activation,
                 scaling=self.scaling,
                 residual=self.residual,
@@ -177,7 +171,7 @@ class Adapter(Method):
         out = {}
         for position in self.positions:
             node_ = params["layers"][f"adapter_{position}"]
-            for i in np.flatnonzero(self._active(cfg)):
+            for i in self.adapted_layers(cfg):
                 prefix = module_name(i, f"adapter_{position}")
                 for field, (suffix, transposed) in _FILE_NAMES.items():
                     array = np.asarray(getattr(node_, field)[i])
@@ -209,7 +203,7 @@ class Adapter(Method):
         for position in method.positions:
             node_ = layers[f"adapter_{position}"]
             fields = {f: np.array(getattr(node_, f)) for f in node_.trainable_fields}
-            for i in np.flatnonzero(method._active(cfg)):
+            for i in method.adapted_layers(cfg):
                 prefix = module_name(i, f"adapter_{position}")
                 for field, (suffix, transposed) in _FILE_NAMES.items():
                     slot = fields[field][i].T if transposed else fields[field][i]

@@ -5,6 +5,10 @@ In each of the top ``adapter_layers`` layers a learnable prompt of
 The layer's rotated queries attend to it with a separate softmax, scaled by a
 zero-initialized gate; the result goes through ``o_proj`` and is added to the
 attention output. A zero gate means training starts from the base model.
+
+The node holds every layer (``layer_mask`` is 1 in the top ones only), so the
+forward pass scans all layers once; the adapter file holds the top layers' tensors
+only, as peft's.
 """
 
 from __future__ import annotations
@@ -21,20 +25,22 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import linear
 from jpeft.models.param_spec import module_name
-from jpeft.nodes import Node, node
+from jpeft.nodes import Node, layer_mask, masked_layers, node
 
 _PEFT_PREFIX = "base_model.model."
 
 
 @node(trainable=("prompt", "gate"), decay=())
 class AdaptionPrompt(Node):
-    """Prompts ``[n_top, adapter_len, hidden]`` and gates ``[n_top, 1]`` of the top layers.
+    """Prompts ``[L, adapter_len, hidden]`` and gates ``[L, 1]``, used where ``layer_mask [L]``.
 
-    Nothing in it takes weight decay.
+    Layers outside the mask (:func:`jpeft.nodes.layer_mask`) hold zeros that get zero
+    gradient. Nothing in it takes weight decay.
     """
 
     prompt: jax.Array
     gate: jax.Array
+    layer_mask: jax.Array
 
     per_layer: ClassVar[bool] = True
 
@@ -48,7 +54,7 @@ class AdaptionPrompt(Node):
         k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)  # [len, heads, d]
         scores = jnp.einsum("bthd,lhd->bhtl", q, k.astype(q.dtype)) / np.sqrt(d)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        probs = self.gate.astype(q.dtype) * probs
+        probs = (self.gate * self.layer_mask).astype(q.dtype) * probs
         out = jnp.einsum("bhtl,lhd->bthd", probs, v.astype(q.dtype)).reshape(b, t, heads * d)
         return linear(attn["o_proj"], out, ctx, "o_proj")
 
@@ -81,10 +87,13 @@ class LlamaAdapter(Method):
         self._check(cfg)
         if "adaption" in params:
             raise ValueError("LlamaAdapter: params already hold adaption prompts")
+        n, top = cfg.num_hidden_layers, self._top_layers(cfg)
         shape = (self.adapter_layers, self.adapter_len, cfg.hidden_size)
-        prompt = jax.random.normal(key, shape, jnp.float32)  # peft: normal(0, 1)
-        gate = jnp.zeros((self.adapter_layers, 1), jnp.float32)
-        return {**params, "adaption": AdaptionPrompt(prompt=prompt, gate=gate)}
+        drawn = jax.random.normal(key, shape, jnp.float32)  # peft: normal(0, 1)
+        prompt = jnp.zeros((n, *shape[1:]), jnp.float32).at[top.start :].set(drawn)
+        mask = layer_mask(top, n, "LlamaAdapter")
+        gate = jnp.zeros((n, 1), jnp.float32)
+        return {**params, "adaption": AdaptionPrompt(prompt=prompt, gate=gate, layer_mask=mask)}
 
     def _top_layers(self, cfg: LlamaConfig) -> range:
         return range(cfg.num_hidden_layers - self.adapter_layers, cfg.num_hidden_layers)
@@ -98,12 +107,12 @@ class LlamaAdapter(Method):
         }
 
     def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        node_ = params["adaption"]
+        adaption = params["adaption"]
         out = {}
-        for j, layer in enumerate(self._top_layers(cfg)):
+        for layer in masked_layers(adaption.layer_mask):
             prefix = _PEFT_PREFIX + module_name(layer, "self_attn")
-            out[f"{prefix}.adaption_prompt"] = np.asarray(node_.prompt[j])[None]
-            out[f"{prefix}.adaption_gate"] = np.asarray(node_.gate[j])
+            out[f"{prefix}.adaption_prompt"] = np.asarray(adaption.prompt[layer])[None]
+            out[f"{prefix}.adaption_gate"] = np.asarray(adaption.gate[layer])
         return out
 
     @classmethod
@@ -120,19 +129,22 @@ class LlamaAdapter(Method):
             adapter_len=int(config["adapter_len"]), adapter_layers=config["adapter_layers"]
         )
         method._check(cfg)
-        prompts, gates = [], []
-        for layer in method._top_layers(cfg):
+        n, top = cfg.num_hidden_layers, method._top_layers(cfg)
+        prompts = np.zeros((n, method.adapter_len, cfg.hidden_size), np.float32)
+        gates = np.zeros((n, 1), np.float32)
+        for layer in top:
             prefix = _PEFT_PREFIX + module_name(layer, "self_attn")
             prompt = _tensor(
                 tensors, f"{prefix}.adaption_prompt", (1, method.adapter_len, cfg.hidden_size)
             )
-            prompts.append(prompt[0])
-            gates.append(_tensor(tensors, f"{prefix}.adaption_gate", (1,)))
-        node_ = AdaptionPrompt(
-            prompt=jnp.asarray(np.stack(prompts), jnp.float32),
-            gate=jnp.asarray(np.stack(gates), jnp.float32),
+            prompts[layer] = prompt[0]
+            gates[layer] = _tensor(tensors, f"{prefix}.adaption_gate", (1,))
+        adaption = AdaptionPrompt(
+            prompt=jnp.asarray(prompts),
+            gate=jnp.asarray(gates),
+            layer_mask=layer_mask(top, n, "LlamaAdapter"),
         )
-        return method, {**params, "adaption": node_}
+        return method, {**params, "adaption": adaption}
 
 
 def _tensor(tensors: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:

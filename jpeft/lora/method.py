@@ -23,6 +23,7 @@ from jpeft.method import Method, Params, register
 from jpeft.models.config import LlamaConfig
 from jpeft.models.linear import dense
 from jpeft.models.param_spec import group_of
+from jpeft.nodes import layer_mask
 
 INITS = ("default", "gaussian")
 
@@ -171,6 +172,7 @@ class LoRA(Method):
             name=self.adapter_name,
             index=index,
             dropout=self.dropout,
+            layer_mask=layer_mask(plan.layers, len(ranks), "LoRA"),
         )
 
     def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:

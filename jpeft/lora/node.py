@@ -7,9 +7,11 @@ same leading axes as the base (``L`` for stacked layers; the layer scan slices
 them together):
 
 * ``a [L, in, r]``, ``b [L, r, out]``: trainable; ``y = x W + scaling * x a b``.
-* ``scaling [L]``: frozen; ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), and 0 in
-  layers the adapter does not touch (``layers_to_transform``): those layers' ``a``,
-  ``b`` (and magnitude) receive exactly zero gradient.
+* ``scaling [L]``: frozen; ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA; 0 where the
+  layer has no adapter, whose rank is 0).
+* ``layer_mask [L]``: frozen, :func:`jpeft.nodes.layer_mask`: 0 in layers the adapter
+  does not touch (``layers_to_transform``, rank patterns), whose ``a``, ``b`` (and
+  magnitude) receive exactly zero gradient. None on an unstacked adapter: it applies.
 * ``magnitude [L, out]`` (DoRA only, else None): trainable; the output becomes
   ``m / ||W + scaling * a b||`` (column norm over ``in``, a constant for gradients
   as in peft) times ``x (W + scaling * a b)``.
@@ -67,6 +69,7 @@ class LoRAAdapter(Node):
     name: str
     index: int
     dropout: float
+    layer_mask: jax.Array | None = None
 
 
 @node(static=("name", "index", "dropout"))
@@ -160,6 +163,7 @@ class LoRAWeight(Node):
             "a": (*lead, axis_in, None),
             "b": (*lead, None, axis_out),
             "scaling": lead,
+            "layer_mask": lead,
             "magnitude": (*lead, axis_out),
         }
 
@@ -177,7 +181,13 @@ class LoRAWeight(Node):
 def _low_rank(adapter: LoRAAdapter) -> jax.Array:
     """``scaling * a @ b`` in fp32, broadcast over the leading axes: ``[..., in, out]``."""
     ab = adapter.a.astype(jnp.float32) @ adapter.b.astype(jnp.float32)
-    return adapter.scaling.astype(jnp.float32)[..., None, None] * ab
+    return _scale(adapter, jnp.float32)[..., None, None] * ab
+
+
+def _scale(adapter: LoRAAdapter, dtype: jnp.dtype) -> jax.Array:
+    """``scaling`` times the layer mask (0 in layers without the adapter)."""
+    scale = adapter.scaling.astype(dtype)
+    return scale if adapter.layer_mask is None else scale * adapter.layer_mask.astype(dtype)
 
 
 def _dora_factor(adapter: LoRAAdapter, w: jax.Array, lowrank: jax.Array) -> jax.Array:
@@ -188,7 +198,8 @@ def _dora_factor(adapter: LoRAAdapter, w: jax.Array, lowrank: jax.Array) -> jax.
     """
     norm = jax.lax.stop_gradient(jnp.linalg.norm(w + lowrank, axis=-2))
     factor = adapter.magnitude.astype(jnp.float32) / norm
-    touched = (adapter.scaling != 0)[..., None]
+    mask = jnp.ones_like(adapter.scaling) if adapter.layer_mask is None else adapter.layer_mask
+    touched = (mask > 0)[..., None]
     return jnp.where(touched, factor, 1.0)
 
 
@@ -221,7 +232,7 @@ def _adapter_output(
         keep = jax.random.bernoulli(jax.random.fold_in(rng, ad.index), 1.0 - ad.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - ad.dropout), 0.0).astype(ctx.dtype)
     lora = (x @ ad.a.astype(ctx.dtype)) @ ad.b.astype(ctx.dtype)
-    lora = lora * ad.scaling.astype(ctx.dtype)
+    lora = lora * _scale(ad, ctx.dtype)
     if ad.magnitude is None:
         return lora
     weight = dense(w.base).astype(jnp.float32)
