@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import Var
 from conftest import sgd_train, tiny_config
+from jax.extend.core import Var
 
 import jpeft
 from jpeft.adapters import Adapter, LlamaAdapter

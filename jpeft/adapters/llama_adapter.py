@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.method import Method, Params, register
+from jpeft.adapter_files import AdapterConfig, AdapterTensors, peft_module
+from jpeft.method import Method, register
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import linear
-from jpeft.models.param_spec import module_name
+from jpeft.models.pytree import Params
 from jpeft.nodes import Node, layer_mask, masked_layers, node
-
-_PEFT_PREFIX = "base_model.model."
 
 
 @node(trainable=("prompt", "gate"), decay=())
@@ -98,7 +97,7 @@ class LlamaAdapter(Method):
     def _top_layers(self, cfg: LlamaConfig) -> range:
         return range(cfg.num_hidden_layers - self.adapter_layers, cfg.num_hidden_layers)
 
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type,
             "adapter_len": self.adapter_len,
@@ -106,52 +105,37 @@ class LlamaAdapter(Method):
             "target_modules": "self_attn",
         }
 
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
         adaption = params["adaption"]
         out = {}
         for layer in masked_layers(adaption.layer_mask):
-            prefix = _PEFT_PREFIX + module_name(layer, "self_attn")
+            prefix = peft_module(layer, "self_attn")
             out[f"{prefix}.adaption_prompt"] = np.asarray(adaption.prompt[layer])[None]
             out[f"{prefix}.adaption_gate"] = np.asarray(adaption.gate[layer])
         return out
 
     @classmethod
-    def from_peft(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
-        params: Params,
-        cfg: LlamaConfig,
+    def read_adapter(
+        cls, config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
     ) -> tuple[LlamaAdapter, Params]:
-        if config.get("target_modules", "self_attn") != "self_attn":
-            raise ValueError(f"adaption prompt target_modules={config['target_modules']!r}")
+        if config.get("target_modules", str, "self_attn") != "self_attn":
+            raise config.error("target_modules", "'self_attn'")
         method = cls(
-            adapter_len=int(config["adapter_len"]), adapter_layers=config["adapter_layers"]
+            adapter_len=config.require("adapter_len", int),
+            adapter_layers=config.require("adapter_layers", int),
         )
         method._check(cfg)
         n, top = cfg.num_hidden_layers, method._top_layers(cfg)
         prompts = np.zeros((n, method.adapter_len, cfg.hidden_size), np.float32)
         gates = np.zeros((n, 1), np.float32)
         for layer in top:
-            prefix = _PEFT_PREFIX + module_name(layer, "self_attn")
-            prompt = _tensor(
-                tensors, f"{prefix}.adaption_prompt", (1, method.adapter_len, cfg.hidden_size)
-            )
-            prompts[layer] = prompt[0]
-            gates[layer] = _tensor(tensors, f"{prefix}.adaption_gate", (1,))
+            prefix = peft_module(layer, "self_attn")
+            shape = (1, method.adapter_len, cfg.hidden_size)
+            prompts[layer] = tensors.take(f"{prefix}.adaption_prompt", shape)[0]
+            gates[layer] = tensors.take(f"{prefix}.adaption_gate", (1,))
         adaption = AdaptionPrompt(
             prompt=jnp.asarray(prompts),
             gate=jnp.asarray(gates),
             layer_mask=layer_mask(top, n, "LlamaAdapter"),
         )
         return method, {**params, "adaption": adaption}
-
-
-def _tensor(tensors: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    if key not in tensors:
-        raise ValueError(f"adapter_model.safetensors: missing tensor {key!r}")
-    if tensors[key].shape != shape:
-        raise ValueError(
-            f"adapter_model.safetensors: {key!r} has shape {tensors[key].shape}, expected {shape}"
-        )
-    return tensors[key]

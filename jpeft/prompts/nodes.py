@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.models.context import Context
+from jpeft.models.pytree import Params
 from jpeft.nodes import Node, node
 from jpeft.prompts import encoders
+from jpeft.prompts.peft_io import TABLE
 
 
 class _BroadcastPrompt:
@@ -198,7 +200,7 @@ def export_table(prompt: Any) -> jax.Array:
     return prompt.table()
 
 
-def install(params: dict[str, Any], entry: str, prompt: Any) -> dict[str, Any]:
+def install(params: Params, entry: str, prompt: Any) -> Params:
     """``params`` plus ``params[entry] = prompt``; refuses to replace an existing entry.
 
     Example:
@@ -210,10 +212,30 @@ def install(params: dict[str, Any], entry: str, prompt: Any) -> dict[str, Any]:
     return {**params, entry: prompt}
 
 
-def prompt_node(params: dict[str, Any], types: tuple[type, ...], owner: str) -> Any:
-    """``params["prompt"]``, checked to be one of ``types``."""
-    found = params.get("prompt")
+def entry_node(params: Params, entry: str, types: tuple[type, ...], owner: str) -> Any:
+    """``params[entry]``, checked to be one of ``types``.
+
+    Example:
+        >>> entry_node({"prompt": 1}, "prompt", (SoftPrompt,), "PromptTuning")
+        Traceback (most recent call last):
+        ValueError: PromptTuning: params['prompt'] is int; expected ['SoftPrompt']
+    """
+    found = params.get(entry)
     if not isinstance(found, types):
         names = [t.__name__ for t in types]
-        raise ValueError(f"{owner}: params['prompt'] is {type(found).__name__}; expected {names}")
+        raise ValueError(f"{owner}: params[{entry!r}] is {type(found).__name__}; expected {names}")
     return found
+
+
+def table_tensors(
+    params: Params, entry: str, types: tuple[type, ...], owner: str
+) -> dict[str, np.ndarray]:
+    """What peft saves of ``params[entry]``: its ``table()`` as ``prompt_embeddings``.
+
+    Example:
+        >>> table_tensors({"prompt": SoftPrompt(jnp.ones((2, 3)))}, "prompt", (SoftPrompt,), "x")
+        {'prompt_embeddings': array([[1., 1., 1.],
+               [1., 1., 1.]], dtype=float32)}
+    """
+    table = export_table(entry_node(params, entry, types, owner))
+    return {TABLE: np.asarray(table, np.float32)}

@@ -9,7 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpeft.adapter_files import AdapterConfig
 from jpeft.models.linear import dense
+from jpeft.models.pytree import Params
 from jpeft.prompts.peft_io import check_virtual_tokens
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -50,7 +52,7 @@ def text_token_ids(
 
 def initial_prompt(
     key: jax.Array,
-    params: dict[str, Any],
+    params: Params,
     n: int,
     init: str,
     text_ids: Sequence[int] | None = None,
@@ -83,7 +85,7 @@ def initial_prompt(
     return table[ids].astype(jnp.float32)
 
 
-def start_prompt(method: Any, key: jax.Array, params: dict[str, Any]) -> jax.Array:
+def start_prompt(method: Any, key: jax.Array, params: Params) -> jax.Array:
     """The ``[n, hidden]`` initial prompt of a method with prompt-init options.
 
     ``method`` has ``num_virtual_tokens``, ``prompt_init``, ``init_text``,
@@ -126,10 +128,10 @@ def peft_init_keys(method: Any) -> dict[str, Any]:
     }
 
 
-def init_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The prompt-init options of a method, read from a peft ``adapter_config.json`` dict."""
+def init_options(config: AdapterConfig) -> dict[str, Any]:
+    """The prompt-init options of a method, read from a peft ``adapter_config.json``."""
     return {
-        "prompt_init": config.get("prompt_tuning_init") or "RANDOM",
-        "init_text": config.get("prompt_tuning_init_text"),
-        "tokenizer_name_or_path": config.get("tokenizer_name_or_path"),
+        "prompt_init": config.get("prompt_tuning_init", str) or "RANDOM",
+        "init_text": config.get("prompt_tuning_init_text", str),
+        "tokenizer_name_or_path": config.get("tokenizer_name_or_path", str),
     }
