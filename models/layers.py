@@ -15,9 +15,8 @@ from jpeft.models import hooks
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import dense, linear
+from jpeft.models.pytree import Params
 from jpeft.models.rope import apply_rotary
-
-Params = dict[str, Any]
 
 
 def rms_norm(scale: Any, x: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:

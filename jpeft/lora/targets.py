@@ -29,8 +29,6 @@ from jpeft.models.param_spec import PROJECTIONS, module_name
 
 ALL_LINEAR = "all-linear"
 
-Params = dict[str, Any]
-
 
 @dataclasses.dataclass(frozen=True)
 class ModulePlan:
