@@ -24,23 +24,24 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.pytree import Params
 from jpeft.prompts import encoders, peft_io
 from jpeft.prompts.nodes import PromptEncoder, SoftPrompt, install, table_tensors
-from jpeft.prompts.prompt_init import INITS, check_init, init_options, peft_init_keys, start_prompt
+from jpeft.prompts.prompt_init import (
+    INITS,
+    PromptInit,
+    check_init,
+    init_options,
+    peft_init_keys,
+    start_prompt,
+)
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class PromptTuning(Method):
+class PromptTuning(PromptInit, Method):
     """Prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` trainable embeddings.
 
-    Args:
-        prompt_init: ``"RANDOM"`` (standard normal, as peft), ``"SAMPLE_VOCAB"`` (rows
-            of the embedding matrix at random token ids) or ``"TEXT"`` (the embeddings
-            of ``init_text``'s tokens, cut or repeated to ``num_virtual_tokens``).
-        init_text, tokenizer: for TEXT; ``tokenizer`` is any object with ``encode``.
-        init_token_ids: for TEXT, ids to use instead of tokenizing ``init_text``.
-        tokenizer_name_or_path: written to the peft config (peft needs it for TEXT).
+    Options: those of :class:`jpeft.prompts.prompt_init.PromptInit`.
 
     Example:
         >>> method = PromptTuning(num_virtual_tokens=8, prompt_init="TEXT",
@@ -49,13 +50,6 @@ class PromptTuning(Method):
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
-
-    num_virtual_tokens: int = 20
-    prompt_init: str = "RANDOM"
-    init_text: str | None = None
-    init_token_ids: tuple[int, ...] | None = None
-    tokenizer: Any = dataclasses.field(default=None, compare=False, repr=False)
-    tokenizer_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         check_init("PromptTuning", self, INITS)

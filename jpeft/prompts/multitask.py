@@ -20,7 +20,13 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.pytree import Params
 from jpeft.prompts import peft_io
 from jpeft.prompts.nodes import MultitaskPrompt, entry_node, install
-from jpeft.prompts.prompt_init import check_init, init_options, peft_init_keys, start_prompt
+from jpeft.prompts.prompt_init import (
+    PromptInit,
+    check_init,
+    init_options,
+    peft_init_keys,
+    start_prompt,
+)
 
 # node field -> tensor name in peft's adapter file
 _FILE_NAMES = {
@@ -32,13 +38,14 @@ _FILE_NAMES = {
 
 @register
 @dataclasses.dataclass(frozen=True)
-class MultitaskPromptTuning(Method):
+class MultitaskPromptTuning(PromptInit, Method):
     """peft's multitask prompt tuning (Wang et al. 2023): one prompt per task.
 
     The prompt of task ``t`` is ``shared * (cols[t] @ rows[t])`` with a shared
     ``[n, hidden]`` embedding (RANDOM or TEXT init) and rank-``num_ranks`` task
     factors (normal, std 0.02). Each row picks its task through ``task_ids [B]``
-    (``model.apply(..., task_ids=...)``; a batch may mix tasks).
+    (``model.apply(..., task_ids=...)``; a batch may mix tasks). The other options are
+    those of :class:`jpeft.prompts.prompt_init.PromptInit` (SAMPLE_VOCAB excluded).
 
     Example:
         >>> method = MultitaskPromptTuning(num_virtual_tokens=8, num_tasks=3)
@@ -48,14 +55,8 @@ class MultitaskPromptTuning(Method):
 
     peft_type: ClassVar[str] = "MULTITASK_PROMPT_TUNING"
 
-    num_virtual_tokens: int = 20
     num_tasks: int = 1
     num_ranks: int = 1
-    prompt_init: str = "RANDOM"
-    init_text: str | None = None
-    init_token_ids: tuple[int, ...] | None = None
-    tokenizer: Any = dataclasses.field(default=None, compare=False, repr=False)
-    tokenizer_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         check_init("MultitaskPromptTuning", self, ("RANDOM", "TEXT"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,32 @@ from jpeft.models.pytree import Params
 from jpeft.prompts.peft_io import check_virtual_tokens
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptInit:
+    """The options of a soft prompt that starts as peft's do (a base of method dataclasses).
+
+    Args:
+        num_virtual_tokens: prompt length.
+        prompt_init: ``"RANDOM"`` (standard normal, as peft), ``"SAMPLE_VOCAB"`` (rows
+            of the embedding matrix at random token ids) or ``"TEXT"`` (the embeddings
+            of ``init_text``'s tokens, cut or repeated to ``num_virtual_tokens``).
+        init_text, tokenizer: for TEXT; ``tokenizer`` is any object with ``encode``.
+        init_token_ids: for TEXT, ids to use instead of tokenizing ``init_text``.
+        tokenizer_name_or_path: written to the peft config (peft needs it for TEXT).
+
+    Example:
+        >>> PromptInit(num_virtual_tokens=4).prompt_init
+        'RANDOM'
+    """
+
+    num_virtual_tokens: int = 20
+    prompt_init: str = "RANDOM"
+    init_text: str | None = None
+    init_token_ids: tuple[int, ...] | None = None
+    tokenizer: Any = dataclasses.field(default=None, compare=False, repr=False)
+    tokenizer_name_or_path: str | None = None
 
 
 def text_token_ids(
