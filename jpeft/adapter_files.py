@@ -29,6 +29,8 @@ PEFT_PREFIX = "base_model.model."
 
 _MISSING = object()
 NUMBER = (int, float)
+SEQUENCE = (list, tuple, set, frozenset)
+"""A JSON list, or what a Python config dict holds instead (peft's ``to_dict`` gives sets)."""
 
 
 def peft_module(layer: int, module: str) -> str:
@@ -78,7 +80,7 @@ class AdapterConfig:
         """The value of ``key``, or ``default`` when it is absent or null.
 
         ``types`` are the accepted types (``bool`` is not an ``int`` here); ``items``
-        the accepted types of a list's items or a dict's values.
+        the accepted types of a sequence's items or a dict's values.
         """
         value = self.values.get(key)
         if value is None:
@@ -88,7 +90,7 @@ class AdapterConfig:
         types = types if isinstance(types, tuple) else (types,)
         if not _is(value, types):
             raise self.error(key, _type_names(types))
-        if items is not None and isinstance(value, list | dict):
+        if items is not None and isinstance(value, (dict, *SEQUENCE)):
             items = items if isinstance(items, tuple) else (items,)
             inner = value.values() if isinstance(value, dict) else value
             if not all(_is(item, items) for item in inner):

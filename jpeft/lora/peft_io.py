@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.adapter_files import NUMBER, AdapterConfig, AdapterTensors, peft_module
+from jpeft.adapter_files import NUMBER, SEQUENCE, AdapterConfig, AdapterTensors, peft_module
 from jpeft.lora.node import LoRAWeight
 from jpeft.lora.targets import ALL_LINEAR, ModulePlan
 from jpeft.models.param_spec import PROJECTIONS, group_of
@@ -104,10 +104,10 @@ def options(config: AdapterConfig | dict[str, Any]) -> dict[str, Any]:
         bad["init_lora_weights"] = init
     if bad:
         raise ValueError(f"{config.source}: unsupported peft LoRA settings {bad}")
-    targets = config.get("target_modules", (str, list), items=str)
+    targets = config.get("target_modules", (str, *SEQUENCE), items=str)
     if not targets:
         raise ValueError(f"{config.source}: no target_modules")
-    layers = config.get("layers_to_transform", (int, list), items=int)
+    layers = config.get("layers_to_transform", (int, *SEQUENCE), items=int)
     return {
         "r": config.get("r", int, 8),
         "alpha": config.get("lora_alpha", NUMBER, 8),
