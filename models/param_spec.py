@@ -225,28 +225,15 @@ def random_leaves() -> tuple[ParamSpec, ...]:
 
 
 def describe() -> str:
-    """The params layout as a table: path, logical axes, HF tensor and its layout.
+    """The params layout as a table, one row per leaf: path, logical axes, HF tensor, layout.
+
+    ``python -c "from jpeft.models.param_spec import describe; print(describe())"``
+    prints the whole table.
 
     Example:
-        >>> print(describe())
-        embed_tokens/embedding                (vocab, embed)            model.embed_tokens.weight
-        layers/input_layernorm/scale          (layers, norm)            model.layers.{i}.input_layernorm.weight
-        layers/post_attention_layernorm/scale (layers, norm)            model.layers.{i}.post_attention_layernorm.weight
+        >>> print(describe().splitlines()[3])
         layers/self_attn/q_proj/kernel        (layers, embed, heads)    model.layers.{i}.self_attn.q_proj.weight, transposed
-        layers/self_attn/q_proj/bias          (layers, heads)           model.layers.{i}.self_attn.q_proj.bias, only if attention_bias
-        layers/self_attn/k_proj/kernel        (layers, embed, kv_heads) model.layers.{i}.self_attn.k_proj.weight, transposed
-        layers/self_attn/k_proj/bias          (layers, kv_heads)        model.layers.{i}.self_attn.k_proj.bias, only if attention_bias
-        layers/self_attn/v_proj/kernel        (layers, embed, kv_heads) model.layers.{i}.self_attn.v_proj.weight, transposed
-        layers/self_attn/v_proj/bias          (layers, kv_heads)        model.layers.{i}.self_attn.v_proj.bias, only if attention_bias
-        layers/self_attn/o_proj/kernel        (layers, heads, embed)    model.layers.{i}.self_attn.o_proj.weight, transposed
-        layers/self_attn/o_proj/bias          (layers, embed)           model.layers.{i}.self_attn.o_proj.bias, only if attention_bias
-        layers/mlp/gate_proj/kernel           (layers, embed, mlp)      model.layers.{i}.mlp.gate_proj.weight, transposed
-        layers/mlp/gate_proj/bias             (layers, mlp)             model.layers.{i}.mlp.gate_proj.bias, only if mlp_bias
-        layers/mlp/up_proj/kernel             (layers, embed, mlp)      model.layers.{i}.mlp.up_proj.weight, transposed
-        layers/mlp/up_proj/bias               (layers, mlp)             model.layers.{i}.mlp.up_proj.bias, only if mlp_bias
-        layers/mlp/down_proj/kernel           (layers, mlp, embed)      model.layers.{i}.mlp.down_proj.weight, transposed
-        layers/mlp/down_proj/bias             (layers, embed)           model.layers.{i}.mlp.down_proj.bias, only if mlp_bias
-        norm/scale                            (norm)                    model.norm.weight
+        >>> print(describe().splitlines()[-1])
         lm_head/kernel                        (embed, vocab)            lm_head.weight, transposed, only if not tie_word_embeddings
     """  # noqa: E501
     rows = []
