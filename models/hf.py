@@ -171,7 +171,7 @@ def _read_into(
 ) -> jax.Array:
     """``buffer[index] = tensor key`` (transposed if asked), ``CHUNK_BYTES`` of rows at a time.
 
-    Each chunk is checked for NaN/Inf on the device (one fused reduction, no host pass);
+    Each chunk is checked for NaN/Inf on the device, in the same kernel that copies it in;
     a bad chunk is read again on the host to name the first bad element.
     """
     shape = reader.shape(key)
@@ -179,19 +179,14 @@ def _read_into(
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for start in range(0, shape[0], step):
         stop = min(shape[0], start + step)
-        chunk = jax.device_put(reader.read(key, start, stop))
+        chunk = reader.read(key, start, stop)
         offset = [0] * len(shape)
         offset[-1 if transposed else 0] = start  # HF rows are our columns when transposed
-        buffer = _fill(buffer, chunk, (*index, *offset), transposed=transposed)
-        if not (allow_nonfinite or _all_finite(chunk)):
+        buffer, finite = _fill(buffer, chunk, (*index, *offset), transposed=transposed)
+        if not (allow_nonfinite or finite):
             check_finite(reader.read(key, start, stop), reader.path, key, first_row=start)
         buffer.block_until_ready()  # host staging stays at one chunk
     return buffer
-
-
-@jax.jit
-def _all_finite(block: jax.Array) -> jax.Array:
-    return jnp.isfinite(block).all()
 
 
 class _Stack:
@@ -214,18 +209,22 @@ class _Stack:
                 f"({treedef}, {specs}) than layer 0"
             )
         pairs = zip(self.buffers, leaves, strict=True)
-        self.buffers = [_fill(b, leaf, (layer,) + (0,) * leaf.ndim) for b, leaf in pairs]
+        self.buffers = [_fill(b, leaf, (layer,) + (0,) * leaf.ndim)[0] for b, leaf in pairs]
 
     def value(self) -> Any:
         return jax.tree.unflatten(self.treedef, self.buffers)
 
 
 @jax.jit(static_argnames="transposed", donate_argnums=0)
-def _fill(buffer: jax.Array, block: jax.Array, start: tuple, transposed: bool = False) -> jax.Array:
-    """``buffer`` with ``block`` (transposed, cast, leading 1-axes added) written at ``start``."""
+def _fill(
+    buffer: jax.Array, block: jax.Array, start: tuple, transposed: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """``buffer`` with ``block`` (transposed, cast, leading 1-axes added) written at ``start``,
+    and whether ``block`` is all finite (as stored, before the cast; one fused pass)."""
+    finite = jnp.isfinite(block).all()
     block = (block.T if transposed else block).astype(buffer.dtype)
     block = block.reshape((1,) * (buffer.ndim - block.ndim) + block.shape)
-    return jax.lax.dynamic_update_slice(buffer, block, start)
+    return jax.lax.dynamic_update_slice(buffer, block, start), finite
 
 
 def _put(tree: dict, path: tuple, value: Any) -> None:

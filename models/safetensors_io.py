@@ -63,7 +63,7 @@ DTYPES: dict[str, np.dtype] = {
 FLOATS = frozenset(DTYPES[code] for code in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 """The floating-point dtypes (``ml_dtypes``' are not ``np.floating`` subtypes)."""
 
-REMAP_BYTES = 64 * 2**20
+REMAP_BYTES = 16 * 2**20
 """Bytes read through one memory mapping before it is dropped (see the module docstring)."""
 
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
