@@ -47,7 +47,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~umask())  # after the body: it may have replaced tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # after the body: it may have replaced tmp
         _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, final)
         _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -88,13 +88,8 @@ def write_json(final: str | os.PathLike, obj: Any) -> None:
     write_text(final, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def umask() -> int:
-    """The process umask, read without changing it where Linux allows (thread-safe).
-
-    Example:
-        >>> 0 <= umask() <= 0o777
-        True
-    """
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (thread-safe)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
