@@ -264,9 +264,11 @@ def write_file(
 
     Hand-written because the library cannot do this: ``safetensors.numpy.save_file``
     takes a dict of every tensor of the file, so a 5 GB shard of a merged model would
-    sit in host memory whole; here only one tensor does. ``specs`` lists ``(key, shape, dtype)`` up front so the header is written before
-    any tensor is materialized; the tensors are laid out in that order, back to back,
-    as the format requires. Returns the number of data bytes. Write through
+    sit in host memory whole; here only one tensor does.
+
+    ``specs`` lists ``(key, shape, dtype)`` up front so the header is written before any
+    tensor is materialized; the tensors are laid out in that order, back to back, as the
+    format requires. Returns the number of data bytes. Write through
     :func:`jpeft.models.atomic.atomic_path` for an atomic, durable file.
 
     Raises:
