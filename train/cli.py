@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from jpeft.train import config, methods
+from jpeft.train.data import formats as data_formats
 from jpeft.train.values import type_name
 
 EVAL_OPTIONS = ("eval_data", "seq_len", "packing", "eval_batch_size", "eval_samples")
-EVAL_OPTIONS += ("max_new_tokens", "mesh", "truncate")
-MODEL_OPTIONS = ("model", "dtype", "compute_dtype", "quantize")
+EVAL_OPTIONS += ("max_new_tokens", "mesh", "truncate", "data_format")
+MODEL_OPTIONS = ("model", "tokenizer", "dtype", "compute_dtype", "quantize")
 TRAIN_EPILOG = """\
 examples:
   jpeft train                                  # bundled model + task, LoRA, CPU, a few minutes
@@ -38,7 +39,8 @@ config file (TOML, YAML or JSON): top-level options and one section per method, 
 
 exit status: 0 done, 1 non-finite loss (last good checkpoint saved), 2 bad input,
 130 interrupted with Ctrl-C (checkpoint saved; continue with --resume).
-"""
+
+""" + data_formats.HELP
 
 
 def main(argv: Sequence[str] | None = None) -> int:

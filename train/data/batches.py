@@ -8,7 +8,7 @@ import numpy as np
 
 from jpeft.train.data.bucket import bucket_plan, default_buckets
 from jpeft.train.data.collate import BatchPlan, collate
-from jpeft.train.data.encode import Example, too_long_message
+from jpeft.train.data.example import Example, check_examples
 from jpeft.train.data.pack import pack_plan
 
 
@@ -21,7 +21,8 @@ class BatchIterator:
     groups examples of similar length, each batch padded to its bucket length from
     ``buckets`` (default: powers of two up to ``seq_len``). A partial batch at the end of an
     epoch (or of a bucket) is filled with empty rows (zero attention and loss masks) unless
-    ``drop_remainder``.
+    ``drop_remainder``. Every example must fit ``seq_len`` and have a target token (else
+    ValueError naming it), so no batch has an all-masked loss.
 
     ``state`` is a small dict ``{"epoch": e, "index": i}``: the batch that comes next is batch
     ``i`` of epoch ``e``. Save it with a checkpoint and pass it back (``state=`` or
@@ -55,9 +56,7 @@ class BatchIterator:
             )
         if not examples:
             raise ValueError("no examples to batch")
-        for i, ex in enumerate(examples):
-            if len(ex) > seq_len:
-                raise ValueError(too_long_message(i, ex, seq_len))
+        check_examples(examples, seq_len)
         self.examples = examples
         self.batch_size, self.seq_len = batch_size, seq_len
         self.packing, self.seed, self.pad_id = packing, seed, pad_id

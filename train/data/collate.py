@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jpeft.train.data.encode import Example
+from jpeft.train.data.example import Example
 
 
 @dataclasses.dataclass(frozen=True)

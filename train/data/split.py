@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jpeft.train.data.jsonl import Record
+from jpeft.train.data.records import Record
 
 
 def split_eval(
