@@ -3,12 +3,12 @@ gives the token ids transformers gives.
 
 ``encode(text)`` equals transformers' ``tokenizer(text)["input_ids"]`` (a
 ``PreTrainedTokenizerFast`` over the same files): special tokens such as BOS are added as ids
-by the post-processor, never as text, so a Metaspace tokenizer with ``prepend_scheme="first"``
-splits the first word as transformers does. Like transformers, an ``add_bos_token`` or
-``add_eos_token`` key in ``tokenizer_config.json`` rebuilds the post-processor (BOS, then the
-text, then EOS, each only when asked); without either key the ``tokenizer.json``
-post-processor is used as it is. ``apply_chat_template(..., tokenize=True)`` renders the
-conversation (see :mod:`jpeft.models.chat_template`) and encodes it with
+by the post-processor of ``tokenizer.json``, never as text, so a Metaspace tokenizer with
+``prepend_scheme="first"`` splits the first word as transformers does. As in transformers 5,
+that post-processor alone decides which special tokens are added: ``add_bos_token`` and
+``add_eos_token`` in ``tokenizer_config.json`` are ignored when there is a ``tokenizer.json``
+(transformers' ``_from_pretrained`` drops them). ``apply_chat_template(..., tokenize=True)``
+renders the conversation (see :mod:`jpeft.models.chat_template`) and encodes it with
 ``add_special_tokens=False``, because the template writes its own BOS as text, as
 transformers does.
 """
@@ -19,11 +19,10 @@ import copy
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import processors
 
 from jpeft.models import chat_template
 from jpeft.models.chat_template import Message, RenderedChat
@@ -83,9 +82,6 @@ class Tokenizer:
         bos_token, eos_token, unk_token, pad_token: the named special tokens (strings in
             the vocabulary), as in ``tokenizer_config.json``.
         chat_template: the jinja chat template, or None.
-        add_bos_token, add_eos_token: ``tokenizer_config.json``'s keys; either one given
-            rebuilds the post-processor as transformers does, None for both keeps the
-            backend's.
         source: the directory the files came from (named in errors).
 
     Example:
@@ -105,8 +101,6 @@ class Tokenizer:
         unk_token: str | None = None,
         pad_token: str | None = None,
         chat_template: str | None = None,
-        add_bos_token: bool | None = None,
-        add_eos_token: bool | None = None,
         source: str | None = None,
     ) -> None:
         self.source = source
@@ -118,7 +112,7 @@ class Tokenizer:
         self.eos_id = self._id_of(eos_token, "eos_token")
         self.pad_id = self._id_of(pad_token, "pad_token")
         self._id_of(unk_token, "unk_token")
-        self.backend = self._configured(backend, add_bos_token, add_eos_token)
+        self.backend = self._configured(backend)
         self._max_token_chars: int | None = None
 
     def _where(self) -> str:
@@ -129,15 +123,14 @@ class Tokenizer:
             return None
         token_id = self.backend.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"{self._where()}{name} {token!r} is not in the tokenizer's vocabulary")
+            raise ValueError(
+                f"{self._where()}{name} {token!r} is not in the tokenizer's vocabulary"
+            )
         return token_id
 
-    def _configured(
-        self, backend: tokenizers.Tokenizer, add_bos: bool | None, add_eos: bool | None
-    ) -> tokenizers.Tokenizer:
+    def _configured(self, backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
         """The backend as transformers' ``TokenizersBackend.__init__`` sets it up: no
-        truncation or padding, named special tokens split off as special, and the BOS/EOS
-        post-processor of ``update_post_processor`` when the config names either flag."""
+        truncation or padding, and the named special tokens split off as special tokens."""
         backend = copy.deepcopy(backend)  # never change the caller's tokenizer
         backend.no_truncation()
         backend.no_padding()
@@ -147,18 +140,6 @@ class Tokenizer:
             backend.add_special_tokens(
                 [tokenizers.AddedToken(t, special=True, normalized=False) for t in named]
             )
-        if add_bos is None and add_eos is None and backend.post_processor is not None:
-            return backend
-        bos = bool(add_bos) and self.bos_id is not None
-        eos = bool(add_eos) and self.eos_id is not None
-        single = f"{f'{self.bos_token}:0 ' if bos else ''}$A:0{f' {self.eos_token}:0' if eos else ''}"
-        pair = f"{single}{f' {self.bos_token}:1' if bos else ''} $B:1"
-        pair += f" {self.eos_token}:1" if eos else ""
-        specials = [(self.bos_token, self.bos_id)] if bos else []
-        specials += [(self.eos_token, self.eos_id)] if eos else []
-        backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=specials
-        )
         return backend
 
     @classmethod
@@ -193,15 +174,10 @@ class Tokenizer:
                 raise ValueError(
                     f"{config_path}: expected a JSON object, found {type(config).__name__}"
                 )
-        tokens = {name: _token_string(config.get(name), name, config_path) for name in SPECIAL_TOKENS}
-        flags = {k: config[k] for k in ("add_bos_token", "add_eos_token") if k in config}
-        for key, value in flags.items():
-            if not isinstance(value, bool):
-                raise ValueError(f"{config_path}: {key} must be true or false, found {value!r}")
+        tokens = {n: _token_string(config.get(n), n, config_path) for n in SPECIAL_TOKENS}
         return cls(
             backend,
             **tokens,
-            **flags,
             chat_template=_load_chat_template(directory, config, config_path),
             source=directory,
         )
@@ -270,7 +246,9 @@ class Tokenizer:
         encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
         return encoding.ids, encoding.offsets
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True
+    ) -> list[list[int]]:
         """:meth:`encode` for many texts at once (parallel in the ``tokenizers`` library).
 
         Example:
@@ -341,4 +319,3 @@ class Tokenizer:
         """
         text = self.render_chat(messages, add_generation_prompt).text
         return self.encode(text, add_special_tokens=False) if tokenize else text
-

@@ -68,7 +68,9 @@ def test_chat_masks_every_assistant_turn(tok):
 
 
 def test_llama3_template_masks_content_and_eot(tok):
-    llama3 = Tokenizer(tok.backend, bos_token="<s>", eos_token="</s>", chat_template=LLAMA31_TEMPLATE)
+    llama3 = Tokenizer(
+        tok.backend, bos_token="<s>", eos_token="</s>", chat_template=LLAMA31_TEMPLATE
+    )
     ex = encode_record(llama3, Record(prompt="2 + 2 =", response="4"))
     assert _targets(llama3, ex) == "4<|eot_id|>"
     prompt = llama3.decode(generation_prompt(llama3, Record(prompt="2 + 2 =", response="4")))

@@ -39,8 +39,7 @@ config file (TOML, YAML or JSON): top-level options and one section per method, 
 
 exit status: 0 done, 1 non-finite loss (last good checkpoint saved), 2 bad input,
 130 interrupted with Ctrl-C (checkpoint saved; continue with --resume).
-
-""" + data_formats.HELP
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,9 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     formatter = argparse.RawDescriptionHelpFormatter
-    train = command(
-        "train", _train, "fine-tune a model", epilog=TRAIN_EPILOG, formatter_class=formatter
-    )
+    epilog = f"{TRAIN_EPILOG}\n{data_formats.HELP}"
+    train = command("train", _train, "fine-tune a model", epilog=epilog, formatter_class=formatter)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     dist = train.add_argument_group("multi-process (multi-host) runs")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")

@@ -69,7 +69,10 @@ class RunConfig:
         "assets/data/eval.jsonl", "data", "held-out data file ('none': split off the training data)"
     )
     data_format: str = _opt(
-        "auto", "data", "record format of the data files (see 'data files' below)", DATA_FORMATS
+        "auto",
+        "data",
+        "record format (auto: from each record's keys; see jpeft train --help)",
+        DATA_FORMATS,
     )
     eval_fraction: float = _opt(0.1, "data", "held-out fraction when --eval-data is none")
     seq_len: int = _opt(64, "data", "tokens per row (at most the model's context)")

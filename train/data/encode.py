@@ -93,7 +93,9 @@ def encode_records(
     """
     texts = [r for r in records if r.kind == "text"]
     if texts and len(texts) != len(records):
-        raise ValueError(f"{texts[0].source}: text records cannot be mixed with instruction records")
+        raise ValueError(
+            f"{texts[0].source}: text records cannot be mixed with instruction records"
+        )
     if texts:
         if max_len is None:
             raise ValueError("text records need max_len: they are cut into pieces of that length")

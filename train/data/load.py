@@ -31,4 +31,5 @@ def read_data(path: str | os.PathLike, format: str = "auto") -> list[Record]:
             f"{path}: a plain-text file holds text documents, not {format} records; "
             "give a .jsonl, .json or .parquet file"
         )
-    return [Record(text=d, source=f"{path} document {i}") for i, d in enumerate(read_documents(path))]
+    documents = read_documents(path)
+    return [Record(text=d, source=f"{path} document {i}") for i, d in enumerate(documents)]

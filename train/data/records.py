@@ -75,7 +75,8 @@ class Record:
             if not isinstance(m, Mapping):
                 raise ValueError(f"messages[{i}] must be an object, found {type(m).__name__}")
             if m.get("role") not in ROLES:
-                raise ValueError(f"messages[{i}]: role must be one of {ROLES}, found {m.get('role')!r}")
+                role = m.get("role")
+                raise ValueError(f"messages[{i}]: role must be one of {ROLES}, found {role!r}")
             if not isinstance(m.get("content"), str):
                 found = type(m.get("content")).__name__
                 raise ValueError(f"messages[{i}]: content must be a string, found {found}")
