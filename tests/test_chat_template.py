@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from tokenizer_utils import (
+    CHATS,
     LLAMA2_TEMPLATE,
     LLAMA31_TEMPLATE,
     hf_tokenizer,
@@ -17,27 +18,6 @@ from jpeft.models import chat_template
 from jpeft.models.tokenizer import Tokenizer
 from jpeft.train import data
 
-CHATS = {
-    "system, two turns": [
-        {"role": "system", "content": "You are a helpful assistant.\n"},
-        {"role": "user", "content": "Sort the digits: 3 1 2"},
-        {"role": "assistant", "content": "1 2 3"},
-        {"role": "user", "content": " Reverse the words: hello world "},
-        {"role": "assistant", "content": "world hello\n"},
-    ],
-    "three turns": [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "2 + 2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "and 3 + 3?"},
-        {"role": "assistant", "content": "6"},
-    ],
-    "ends with a user turn": [
-        {"role": "system", "content": "Answer with digits."},
-        {"role": "user", "content": "two plus two"},
-    ],
-}
 # The assistant turn of each template, and the same with {% generation %} around the text the
 # prefix renderings attribute to it, for transformers' return_assistant_tokens_mask.
 LLAMA2_TURN = "{{ ' '  + content.strip() + ' ' + eos_token }}"

@@ -4,6 +4,7 @@ transformers' apply_chat_template tokenizes the same conversation, bad records n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -81,7 +82,7 @@ def write(path: Path, rows: list) -> Path:
 def test_each_format_tokenizes_as_transformers_chat(tmp_path, tok, hf, fmt):
     path = write(tmp_path / "d.jsonl", [ROWS[fmt], {"id": 1, **ROWS[fmt]}])
     records = data.read_records(path)
-    assert records[0] == records[1].__class__(**{**records[1].__dict__, "source": f"{path}:1"})
+    assert records[0] == dataclasses.replace(records[1], source=f"{path}:1")
     example = data.encode_record(tok, records[0])
     assert example.input_ids.tolist() == hf.apply_chat_template(CHATS[fmt])["input_ids"]
     targets = tok.decode(example.input_ids[example.loss_mask == 1], skip_special=False)

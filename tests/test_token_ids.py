@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from conftest import tiny_config
+from tokenizer_utils import CHATS as CHATS_BY_NAME
 from tokenizer_utils import hf_tokenizer, llama2_style, llama3_style
 
 from jpeft.models.tokenizer import Tokenizer
@@ -24,19 +25,7 @@ TEXTS = [
     "ünïcödé 😀 and <s> or </s> or <|eot_id|> inside",
     "",
 ]
-CHATS = [
-    [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Sort the digits: 3 1 2"},
-        {"role": "assistant", "content": "1 2 3"},
-        {"role": "user", "content": "Reverse the words: hello world"},
-        {"role": "assistant", "content": "world hello"},
-    ],
-    [
-        {"role": "user", "content": "Reverse the words: a b"},
-        {"role": "assistant", "content": " b a "},
-    ],
-]
+CHATS = [CHATS_BY_NAME["system, two turns"], CHATS_BY_NAME["three turns"]]  # end with answers
 STYLES = {"llama2": llama2_style, "llama3": llama3_style}
 
 

@@ -23,6 +23,28 @@ LINES = [
     "[INST] question [/INST] answer",
     "  leading spaces, tabs\tand\n\nnewlines",
 ]
+# Conversations with system prompts and several turns.
+CHATS = {
+    "system, two turns": [
+        {"role": "system", "content": "You are a helpful assistant.\n"},
+        {"role": "user", "content": "Sort the digits: 3 1 2"},
+        {"role": "assistant", "content": "1 2 3"},
+        {"role": "user", "content": " Reverse the words: hello world "},
+        {"role": "assistant", "content": "world hello\n"},
+    ],
+    "three turns": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3 + 3?"},
+        {"role": "assistant", "content": "6"},
+    ],
+    "ends with a user turn": [
+        {"role": "system", "content": "Answer with digits."},
+        {"role": "user", "content": "two plus two"},
+    ],
+}
 # Llama 3's split pattern (meta-llama/Meta-Llama-3-8B tokenizer.json).
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -29,11 +29,14 @@ class BatchIterator:
     ``load_state``) to continue with exactly the batches an uninterrupted run would see.
 
     Example:
+        >>> examples = [Example(np.arange(n), np.arange(n) > 1) for n in range(3, 30)]
         >>> it = BatchIterator(examples, batch_size=8, seq_len=128, seed=0)
         >>> batch = next(it)                  # dict of int32 [8, 128] arrays
-        >>> saved = it.state                  # {"epoch": 0, "index": 1}
-        >>> it2 = BatchIterator(examples, batch_size=8, seq_len=128, seed=0, state=saved)
-        >>> # next(it2) equals next(it)
+        >>> batch["input_ids"].shape, it.state
+        ((8, 128), {'epoch': 0, 'index': 1})
+        >>> it2 = BatchIterator(examples, batch_size=8, seq_len=128, seed=0, state=it.state)
+        >>> bool((next(it2)["input_ids"] == next(it)["input_ids"]).all())
+        True
     """
 
     def __init__(
