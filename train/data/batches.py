@@ -84,7 +84,10 @@ class BatchIterator:
         """The batch plans of one epoch (computed once per epoch and cached).
 
         Example:
-            >>> len(it.plan(0))               # batches in epoch 0
+            >>> examples = [Example(np.arange(n), np.arange(n) > 1) for n in range(3, 30)]
+            >>> it = BatchIterator(examples, batch_size=8, seq_len=32, packing=False)
+            >>> sorted(p.length for p in it.plan(0))  # epoch 0: length-bucketed batches
+            [16, 16, 32, 32]
         """
         if self._cache is None or self._cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
@@ -108,9 +111,10 @@ class BatchIterator:
         ``shuffle=False`` this is one deterministic pass, as for evaluation.
 
         Example:
-            >>> for batch in BatchIterator(eval_examples, batch_size=8, seq_len=128,
-            ...                            shuffle=False).epoch_batches():
-            ...     ...
+            >>> examples = [Example(np.arange(n), np.arange(n) > 1) for n in range(3, 30)]
+            >>> it = BatchIterator(examples, batch_size=8, seq_len=128, shuffle=False)
+            >>> [b["input_ids"].shape for b in it.epoch_batches()]
+            [(8, 128)]
         """
         for p in self.plan(epoch):
             yield collate(self.examples, p, self.pad_id, self.packing)
@@ -124,7 +128,11 @@ class BatchIterator:
         """Continue from a saved ``state``.
 
         Example:
-            >>> it.load_state({"epoch": 2, "index": 17})
+            >>> examples = [Example(np.arange(n), np.arange(n) > 1) for n in range(3, 30)]
+            >>> it = BatchIterator(examples, batch_size=2, seq_len=32)
+            >>> it.load_state({"epoch": 2, "index": 3})
+            >>> it.state
+            {'epoch': 2, 'index': 3}
         """
         if set(state) != {"epoch", "index"}:
             raise ValueError(f"state must have keys 'epoch' and 'index', found {sorted(state)}")

@@ -39,7 +39,9 @@ class Rendered:
     ``add_eos`` whether an EOS id (a target) follows the text.
 
     Example:
-        >>> Rendered("Q: 2+2? A: 4", targets=((10, 12),), add_special_tokens=True, add_eos=True)
+        >>> r = Rendered("Q: 2+2? A: 4", targets=((10, 12),), add_special_tokens=True, add_eos=True)
+        >>> r.prompt, r.text[10:12]
+        ('Q: 2+2? A:', ' 4')
     """
 
     text: str
