@@ -131,11 +131,13 @@ class Tokenizer:
     def _configured(self, backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
         """The backend as transformers' ``TokenizersBackend.__init__`` sets it up: no
         truncation or padding, and the named special tokens split off as special tokens."""
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        named = [t for t in self.special_tokens.values() if t not in added]
+        if not (named or backend.truncation or backend.padding):
+            return backend
         backend = copy.deepcopy(backend)  # never change the caller's tokenizer
         backend.no_truncation()
         backend.no_padding()
-        added = {t.content for t in backend.get_added_tokens_decoder().values()}
-        named = [t for t in self.special_tokens.values() if t not in added]
         if named:
             backend.add_special_tokens(
                 [tokenizers.AddedToken(t, special=True, normalized=False) for t in named]

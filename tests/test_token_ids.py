@@ -176,3 +176,27 @@ def test_named_special_token_in_vocab_is_split_off(tmp_path):
     tok, hf = Tokenizer.from_dir(path), hf_tokenizer(path)
     text = "hello Ġworld and world"
     assert tok.encode(text) == hf(text)["input_ids"]
+
+
+def test_truncation_and_padding_in_tokenizer_json_are_off_as_in_transformers(tmp_path):
+    path = llama3_style(tmp_path)
+    raw = json.loads((path / "tokenizer.json").read_text())
+    raw["truncation"] = {
+        "direction": "Right",
+        "max_length": 3,
+        "strategy": "LongestFirst",
+        "stride": 0,
+    }
+    raw["padding"] = {
+        "strategy": {"Fixed": 32},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "<|end_of_text|>",
+    }
+    (path / "tokenizer.json").write_text(json.dumps(raw))
+    tok, hf = Tokenizer.from_dir(path), hf_tokenizer(path)
+    text = "Sort the digits: 3 1 2"
+    assert tok.encode(text) == hf(text)["input_ids"]
+    assert len(tok.encode(text)) > 3

@@ -65,7 +65,8 @@ def _chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> Rendered:
         if message["role"] != "assistant":
             continue
         prefix = tokenizer.render_chat(messages[:i], add_generation_prompt=True).text
-        turn = tokenizer.render_chat(messages[: i + 1]).text
+        last = i == len(messages) - 1
+        turn = full.text if last else tokenizer.render_chat(messages[: i + 1]).text
         if not (prefix.startswith(done) and turn.startswith(prefix)):
             raise ValueError(
                 "the chat template's rendering of a conversation prefix is not a prefix of the "
