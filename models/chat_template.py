@@ -157,7 +157,8 @@ def render(
         if not isinstance(m, Mapping):
             raise ValueError(f"message {i}: expected a mapping, found {type(m).__name__}")
     context = {
-        "messages": [dict(m) for m in messages],
+        # keys whose value is None are dropped, as transformers' _normalize_chat_messages does
+        "messages": [{k: v for k, v in m.items() if v is not None} for m in messages],
         "tools": None,
         "documents": None,
         "add_generation_prompt": add_generation_prompt,

@@ -104,14 +104,14 @@ class Tokenizer:
         source: str | None = None,
     ) -> None:
         self.source = source
-        self.bos_token, self.eos_token = bos_token, eos_token
-        self.unk_token, self.pad_token = unk_token, pad_token
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        # jpeft never emits unk: one missing from the vocabulary is dropped, not refused
+        self.unk_token = unk_token if backend.token_to_id(unk_token or "") is not None else None
         self.chat_template = chat_template
         self.backend = backend
         self.bos_id = self._id_of(bos_token, "bos_token")
         self.eos_id = self._id_of(eos_token, "eos_token")
         self.pad_id = self._id_of(pad_token, "pad_token")
-        self._id_of(unk_token, "unk_token")
         self.backend = self._configured(backend)
         self._max_token_chars: int | None = None
 
