@@ -36,8 +36,8 @@ def _checked_length(tokenizer: Tokenizer, text: str, source: str, max_len: int |
     if fewest > max_len:
         raise ValueError(
             f"{source or 'record'} is {len(text):,} characters long, at least {fewest:,} "
-            f"tokens, more than the maximum of {max_len}; shorten or drop it, or raise the "
-            "sequence length"
+            f"tokens, more than the maximum of {max_len}; shorten or drop it, raise the "
+            "sequence length, or truncate it explicitly"
         )
 
 
@@ -63,7 +63,8 @@ def encode_record(tokenizer: Tokenizer, record: Record, max_len: int | None = No
         if ids[-1:] != [tokenizer.eos_id]:  # (unless the post-processor added it)
             ids, mask = [*ids, tokenizer.eos_id], np.append(mask, 0)
         mask[-1] = 1
-    mask[0] = 0
+    if mask.size:
+        mask[0] = 0  # nothing precedes the first token
     if not mask.any():
         raise ValueError(f"{record.source or 'record'}: the response renders to no tokens")
     return Example(np.array(ids), mask, source=record.source)
