@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from jpeft.models.param_spec import module_name
-from jpeft.models.safetensors_io import SafetensorsFile
+from jpeft.models.safetensors_io import read_weights
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -160,13 +160,18 @@ class AdapterTensors:
             )
 
 
-def read_adapter_dir(adapter_dir: str | os.PathLike) -> tuple[AdapterConfig, AdapterTensors]:
+def read_adapter_dir(
+    adapter_dir: str | os.PathLike, allow_nonfinite: bool = False
+) -> tuple[AdapterConfig, AdapterTensors]:
     """The config and tensors of an adapter directory, every problem named with its file.
+
+    Tensors are read by :func:`jpeft.models.safetensors_io.read_weights`: floating point
+    and finite (NaN/Inf refused unless ``allow_nonfinite``).
 
     Raises:
         FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.
         ValueError: the config is not valid JSON or not a JSON object; a corrupt
-            safetensors file.
+            safetensors file; a tensor that is not floating point, or not finite.
 
     Example:
         >>> config, tensors = read_adapter_dir("my-adapter")  # doctest: +SKIP
@@ -184,7 +189,5 @@ def read_adapter_dir(adapter_dir: str | os.PathLike) -> tuple[AdapterConfig, Ada
             values = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-    with SafetensorsFile(weights_path) as f:  # reads bf16 too, and names a corrupt file
-        names = f.keys()  # a list; SafetensorsFile is not iterable
-        tensors = {key: f.read(key) for key in names}
+    tensors = read_weights(weights_path, allow_nonfinite)
     return AdapterConfig(values, config_path), AdapterTensors(tensors, weights_path)

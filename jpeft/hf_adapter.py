@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -10,7 +9,7 @@ from safetensors.numpy import save_file
 
 from jpeft.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
 from jpeft.method import Method, method_for
-from jpeft.models.atomic import atomic_path
+from jpeft.models.atomic import atomic_path, write_json
 from jpeft.models.config import LlamaConfig
 from jpeft.models.pytree import Params
 
@@ -25,12 +24,19 @@ def save_hf_adapter(
     """Write ``method``'s trained nodes from ``params`` as an adapter directory (peft-loadable
     for peft's methods).
 
+    ``base_model_name_or_path`` defaults to the directory ``cfg`` was read from
+    (``cfg.name_or_path``); a local directory is recorded as an absolute path, so
+    ``AutoPeftModelForCausalLM.from_pretrained(out_dir)`` finds the base from anywhere.
+
     Example:
         >>> jpeft.save_hf_adapter("out/adapter", method, params, cfg)   # doctest: +SKIP
         >>> # PeftModel.from_pretrained(hf_model, "out/adapter") now gives the same logits
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    base_model_name_or_path = base_model_name_or_path or cfg.name_or_path
+    if base_model_name_or_path is not None and os.path.isdir(base_model_name_or_path):
+        base_model_name_or_path = os.path.abspath(base_model_name_or_path)
     config = {
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -41,21 +47,22 @@ def save_hf_adapter(
     tensors = {k: np.ascontiguousarray(v) for k, v in method.adapter_tensors(params, cfg).items()}
     with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_path(os.path.join(out_dir, CONFIG_NAME)) as tmp, open(tmp, "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True))
+    write_json(os.path.join(out_dir, CONFIG_NAME), config)
 
 
 def load_hf_adapter(
-    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig
+    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig, allow_nonfinite: bool = False
 ) -> tuple[Method, Params]:
     """Read an adapter directory and apply it over base ``params``.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the
-    file and key or tensor for anything the method cannot use as it is.
+    file and key or tensor for anything the method cannot use as it is. Its tensors
+    must be floating point and finite (NaN/Inf refused, naming the tensor, unless
+    ``allow_nonfinite``): see :func:`jpeft.models.safetensors_io.read_weights`.
 
     Example:
         >>> method, params = jpeft.load_hf_adapter("my-adapter", params, cfg)  # doctest: +SKIP
     """
-    config, tensors = read_adapter_dir(adapter_dir)
+    config, tensors = read_adapter_dir(adapter_dir, allow_nonfinite)
     method = method_for(config.require("peft_type", str))
     return method.from_adapter(config, tensors, params, cfg)

@@ -195,18 +195,23 @@ class LoRA(Method):
 
 
 def load_adapter(
-    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig, adapter_name: str
+    adapter_dir: str | os.PathLike,
+    params: Params,
+    cfg: LlamaConfig,
+    adapter_name: str,
+    allow_nonfinite: bool = False,
 ) -> tuple[LoRA, Params]:
     """Load a peft LoRA adapter directory as adapter ``adapter_name`` (added and made active).
 
     ``jpeft.load_hf_adapter`` always names the adapter ``"default"``; use this to hold
-    several adapters in one params tree.
+    several adapters in one params tree. Tensors holding NaN/Inf are refused unless
+    ``allow_nonfinite``.
 
     Example:
         >>> _, params = load_adapter("adapters/a", params, cfg, "a")      # doctest: +SKIP
         >>> _, params = load_adapter("adapters/b", params, cfg, "b")      # doctest: +SKIP
     """
-    config, tensors = read_adapter_dir(adapter_dir)
+    config, tensors = read_adapter_dir(adapter_dir, allow_nonfinite)
     peft_type = config.require("peft_type", str)
     if peft_type != LoRA.peft_type:
         raise ValueError(f"{config.source}: peft_type {peft_type!r} is not 'LORA'")
