@@ -23,7 +23,7 @@ def setup():
     method = jpeft.MultitaskPromptTuning(num_virtual_tokens=2, num_tasks=2)
     params = method.init(jax.random.key(0), params, cfg)
     tok = Tokenizer.from_dir(MODEL)
-    records = data.read_jsonl(jpeft.assets.path("data/eval.jsonl"))[:2]
+    records = data.read_data(jpeft.assets.path("data/eval.jsonl"))[:2]
     return cfg, params, tok, records, data.encode_records(tok, records)
 
 
