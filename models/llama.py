@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models import hooks
+from jpeft.models.attention import CausalMask, check_implementation
 from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
@@ -31,10 +32,16 @@ from jpeft.models.rope import rotary_tables
 
 Params = dict[str, Any]
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# What each layer keeps for the backward pass; the rest is recomputed there.
+# "proj": the projection outputs (named by :func:`jpeft.models.linear.linear`), so the
+# backward recomputes attention, norms and elementwise work but no projection.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
 }
 
 
@@ -49,7 +56,8 @@ def forward(
     cache: KVCache | None = None,
     ctx: Context | None = None,
     remat: str = "none",
-    attention_impl: str | None = None,
+    attention_impl: str = "auto",
+    return_hidden: bool = False,
 ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Logits ``[B, T, vocab]`` aligned with ``input_ids [B, T]``.
 
@@ -61,8 +69,12 @@ def forward(
             segment (0 = padding). Pass ``position_ids`` restarting per segment too.
         cache: a :class:`KVCache`; when given, returns ``(logits, new_cache)``.
         ctx: compute dtype, dropout key and per-row adapter/task ids.
-        remat: ``"none"``, ``"full"`` or ``"dots"`` rematerialization of each layer.
-        attention_impl: passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
+        remat: what each layer saves for the backward pass, a key of
+            :data:`REMAT_POLICIES` (``"none"`` saves everything).
+        attention_impl: ``"auto"``, ``"xla"``, ``"cudnn"`` or ``"pallas"``
+            (:mod:`jpeft.models.attention`); decoding with a cache always uses XLA.
+        return_hidden: return the final normed hidden states ``[B, T, hidden]``
+            instead of logits (:func:`lm_head` maps them to logits).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -73,6 +85,7 @@ def forward(
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    check_implementation(attention_impl)
     ctx = ctx or Context()
     b, t = input_ids.shape
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
@@ -104,26 +117,19 @@ def forward(
     rope = rotary_tables(cfg, positions)
 
     if cache is None:
-        attn_mask = _causal_mask(mask, segment_ids)
+        attn_mask = CausalMask(mask, segment_ids)
     else:
         if x.shape[1] > cache.max_len:
             raise ValueError(f"{x.shape[1]} tokens do not fit a cache of {cache.max_len} slots")
         new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.length))
         attn_mask = _cached_mask(new_mask, cache.length, x.shape[1])
         extras["cache_k"], extras["cache_v"] = cache.k, cache.v
-    if n_prefix:
-        attn_mask = jnp.concatenate(
-            [jnp.ones((b, attn_mask.shape[1], n_prefix), bool), attn_mask], axis=2
-        )
 
     x, updated = _run_layers(
         params, cfg, x, rope, attn_mask, extras, cache, ctx, remat, attention_impl
     )
     x = rms_norm(params["norm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)[:, n_prompt:]
-    if cfg.tie_word_embeddings:
-        logits = x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
-    else:
-        logits = linear(params["lm_head"], x, ctx, "lm_head")
+    logits = x if return_hidden else lm_head(params, cfg, x, ctx)
     if cache is None:
         return logits
     new_cache = KVCache(
@@ -136,12 +142,23 @@ def forward(
     return logits, new_cache
 
 
-def _causal_mask(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    t = valid.shape[1]
-    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (valid[:, None, :] > 0)
-    if segment_ids is not None:
-        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    return allowed
+def lm_head(
+    params: Params, cfg: LlamaConfig, x: jax.Array, ctx: Context | None = None
+) -> jax.Array:
+    """Logits ``[..., vocab]`` of final normed hidden states ``x [..., hidden]``.
+
+    The output embedding, or the input embedding when ``cfg.tie_word_embeddings``.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> lm_head(init_params(jax.random.key(0), cfg), cfg, jnp.ones((3, 16))).shape
+        (3, 32)
+    """
+    ctx = ctx or Context()
+    if cfg.tie_word_embeddings:
+        return x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
+    return linear(params["lm_head"], x, ctx, "lm_head")
 
 
 def _cached_mask(slot_valid: jax.Array, length: jax.Array, t: int) -> jax.Array:
@@ -247,7 +264,7 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -260,13 +277,13 @@ class Llama(nn.Module):
         adapter_ids: jax.Array | None = None,
         task_ids: jax.Array | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         if self.is_initializing():
             base = init_params(self.make_rng("params"), self.cfg, self.param_dtype)
             for name, value in base.items():
                 self.param(name, lambda _, v=value: v)
-        rng = None if deterministic else self.make_rng("dropout")
-        ctx = Context(self.dtype, rng=rng, adapter_ids=adapter_ids, task_ids=task_ids)
+        ctx = self._context(adapter_ids, task_ids, deterministic)
         return forward(
             self.variables["params"],
             self.cfg,
@@ -278,4 +295,25 @@ class Llama(nn.Module):
             ctx=ctx,
             remat=self.remat,
             attention_impl=self.attention_impl,
+            return_hidden=return_hidden,
         )
+
+    def logits(
+        self,
+        hidden: jax.Array,
+        adapter_ids: jax.Array | None = None,
+        task_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """:func:`lm_head` of hidden states ``[B, T, hidden]`` from ``return_hidden=True``.
+
+        Call it as ``model.apply(variables, hidden, method="logits")``.
+        """
+        ctx = self._context(adapter_ids, task_ids, deterministic)
+        return lm_head(self.variables["params"], self.cfg, hidden, ctx)
+
+    def _context(
+        self, adapter_ids: jax.Array | None, task_ids: jax.Array | None, deterministic: bool
+    ) -> Context:
+        rng = None if deterministic else self.make_rng("dropout")
+        return Context(self.dtype, rng=rng, adapter_ids=adapter_ids, task_ids=task_ids)

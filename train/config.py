@@ -29,6 +29,8 @@ from typing import Any
 import yaml
 
 from jpeft import assets
+from jpeft.models.attention import IMPLEMENTATIONS
+from jpeft.models.llama import REMAT_POLICIES
 from jpeft.train import methods
 from jpeft.train.values import coerce
 
@@ -56,7 +58,12 @@ class RunConfig:
     quantize: str | None = _opt(
         None, "model", "quantize the base linears while loading (nf4); qlora does it anyway"
     )
-    remat: str = _opt("none", "model", "rematerialize each layer", ("none", "full", "dots"))
+    remat: str = _opt(
+        "none", "model", "what each layer saves for the backward pass", tuple(REMAT_POLICIES)
+    )
+    attention_impl: str = _opt(
+        "auto", "model", "attention kernel (auto: pallas on GPU/TPU, xla on CPU)", IMPLEMENTATIONS
+    )
     train_data: str = _opt("assets/data/train.jsonl", "data", "JSONL instructions or text")
     eval_data: str | None = _opt(
         "assets/data/eval.jsonl", "data", "held-out JSONL ('none': split off the training data)"
