@@ -118,16 +118,14 @@ def attend(
     if implementation == "cudnn":
         _check_cudnn(q, mask)
         return compacted_attention(q, k, v, mask.valid, prefix, "cudnn")
-    pallas = lambda interpret, backend: _pallas(q, k, v, mask, prefix, backend, interpret)
+    pallas = lambda backend, interpret: _pallas(q, k, v, mask, prefix, backend, interpret)
+    triton = lambda: pallas("triton", False)
     if implementation == "pallas":
-        default = lambda: pallas(True, "triton")
+        default = lambda: pallas("triton", True)  # interpret mode
     else:
         default = lambda: _xla(q, k, v, mask.dense(), prefix, scale)
     return jax.lax.platform_dependent(
-        cuda=lambda: pallas(False, "triton"),
-        rocm=lambda: pallas(False, "triton"),
-        tpu=lambda: pallas(False, "mosaic"),
-        default=default,
+        cuda=triton, rocm=triton, tpu=lambda: pallas("mosaic", False), default=default
     )
 
 

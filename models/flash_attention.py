@@ -11,15 +11,18 @@ Two backends (own code because the stock ops have no LSE gradient, and the GPU o
 
 - ``"triton"`` (GPU): FlashAttention-2 (Dao 2023, Alg. 1 forward; the backward split
   into a dK/dV kernel over key blocks and a dQ kernel over query blocks, as in
-  ``jax.experimental.pallas.ops.gpu.attention``). Causal block skipping; GQA through the
-  key/value ``BlockSpec`` index map (query head ``h`` reads key head ``h // G``), so keys
-  are not repeated; dK/dV come per query head and are summed over each group.
+  ``jax.experimental.pallas.ops.gpu.attention``). Causal block skipping. GQA without
+  repeated keys: query head ``h`` reads key head ``h // G`` through the ``BlockSpec``
+  index map, and each dK/dV program loops over the ``G`` query heads of its key head
+  (a group size that is not a power of two falls back to repeated keys).
 - ``"mosaic"`` (TPU): JAX's own TPU kernels (``jax.experimental.pallas.ops.tpu
   .flash_attention``), called through their forward with residuals and their dK/dV and
   dQ kernels, which take the row term ``di`` that the LSE cotangent changes. Keys are
   repeated over each group (those kernels need equal head counts).
 
 Sequences are padded to a multiple of the block size with an unmatched segment id.
+The forward's residuals carry the names in :data:`RESIDUALS` (``jax.ad_checkpoint
+.checkpoint_name``), so a remat policy can keep them and skip recomputing the forward.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
@@ -36,6 +40,8 @@ from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 BACKENDS = ("triton", "mosaic")
 # Segment id of the padding this module adds (and of the padding callers mark).
 PAD_SEGMENT = int(jnp.iinfo(jnp.int32).min)
+# Names of the forward's output and row statistics (what the backward needs beyond q, k, v).
+RESIDUALS = ("attention_out", "attention_stats")
 _MASKED = -1e30  # score of an invisible key (finite: a block may be fully masked)
 _BLOCK_FWD = (128, 64)  # (queries, keys) per forward program
 _BLOCK_BWD = 64  # queries and keys per backward program
@@ -92,10 +98,18 @@ def flash_attention(
         segment_ids.astype(jnp.int32), ((0, 0), (0, padded - t)), constant_values=PAD_SEGMENT
     )
     if backend == "triton":
+        group = heads // k.shape[2]
+        if group & (group - 1):  # Triton blocks are powers of two: one key head per query head
+            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         out, lse = _triton(pad(q), pad(k), pad(v), seg, scale, interpret)
     else:
         out, lse = _mosaic(pad(q), pad(k), pad(v), seg, scale, k.shape[2])
     return out[:, :t, :, :d], lse[:, :t]
+
+
+def _named(out: jax.Array, *stats: jax.Array) -> tuple[jax.Array, ...]:
+    out_name, stats_name = RESIDUALS
+    return checkpoint_name(out, out_name), *(checkpoint_name(x, stats_name) for x in stats)
 
 
 # ---------------------------------------------------------------- triton (GPU) kernels
@@ -145,23 +159,31 @@ def _dkv_kernel(
     q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     *, scale, block_q,
 ):  # fmt: skip
+    """dK, dV of one key block of one key head, from all ``G`` query heads of its group.
+
+    ``q_ref``/``do_ref`` hold ``[T, G, D]``, ``lse_ref``/``delta_ref`` ``[G, T]``.
+    """
     block_k, width = k_ref.shape
+    group = q_ref.shape[1]
     k_start = pl.program_id(2) * block_k
     k, v, k_seg = k_ref[...], v_ref[...], k_seg_ref[...]
 
-    def body(i, carry):
+    def body(step, carry):  # one (query block, query head) pair per step
         dk, dv = carry
+        i, head = lax.div(step, group), lax.rem(step, group)
         rows = pl.ds(i * block_q, block_q)
-        q, do = q_ref[rows, :], do_ref[rows, :]
-        p = _probs(q, k, q_seg_ref[rows], k_seg, i * block_q, k_start, lse_ref[rows], scale)
+        q, do = q_ref[rows, head, :], do_ref[rows, head, :]
+        lse, delta = lse_ref[head, rows], delta_ref[head, rows]
+        p = _probs(q, k, q_seg_ref[rows], k_seg, i * block_q, k_start, lse, scale)
         dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[rows][:, None]) * scale
+        ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None]) * scale
         return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     zeros = jnp.zeros((block_k, width), jnp.float32)
     first = lax.div(k_start, block_q)  # earlier query blocks see none of these keys
-    dk, dv = lax.fori_loop(first, q_ref.shape[0] // block_q, body, (zeros, zeros))
-    dk_ref[...], dv_ref[...] = dk, dv
+    steps = (first * group, q_ref.shape[0] // block_q * group)
+    dk, dv = lax.fori_loop(*steps, body, (zeros, zeros))
+    dk_ref[...], dv_ref[...] = dk.astype(dk_ref.dtype), dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(
@@ -235,23 +257,29 @@ def _triton_backward(q, k, v, seg, do, lse, delta, scale, interpret):
     kv_heads = k.shape[2]
     group = heads // kv_heads
     block = min(_BLOCK_BWD, t)
-    grid = (b, heads, t // block)
-    whole_q = pl.BlockSpec((None, t, None, width), lambda i, h, j: (i, 0, h, 0))
-    whole_kv = pl.BlockSpec((None, t, None, width), lambda i, h, j: (i, 0, h // group, 0))
-    block_q = pl.BlockSpec((None, block, None, width), lambda i, h, j: (i, j, h, 0))
-    block_kv = pl.BlockSpec((None, block, None, width), lambda i, h, j: (i, j, h // group, 0))
-    row_stats = pl.BlockSpec((None, None, t), lambda i, h, j: (i, h, 0))
-    block_stats = pl.BlockSpec((None, None, block), lambda i, h, j: (i, h, j))
     whole_seg = pl.BlockSpec((None, t), lambda i, h, j: (i, 0))
     block_seg = pl.BlockSpec((None, block), lambda i, h, j: (i, j))
     pairs = _causal_pairs(t, block, block)
     per_pair = b * heads * width * block * block
+    # dK/dV: one program per key block of a key head, looping over its query heads.
+    group_q = pl.BlockSpec((None, t, group, width), lambda i, g, j: (i, 0, g, 0))
+    block_kv = pl.BlockSpec((None, block, None, width), lambda i, g, j: (i, j, g, 0))
+    group_stats = pl.BlockSpec((None, group, t), lambda i, g, j: (i, g, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, block_q=block),
-        grid=grid,
-        in_specs=[whole_q, block_kv, block_kv, whole_seg, block_seg, whole_q, row_stats, row_stats],
-        out_specs=[block_q, block_q],  # per query head; summed over each group below
-        out_shape=[jax.ShapeDtypeStruct((b, t, heads, width), jnp.float32)] * 2,
+        grid=(b, kv_heads, t // block),
+        in_specs=[
+            group_q,
+            block_kv,
+            block_kv,
+            whole_seg,
+            block_seg,
+            group_q,
+            group_stats,
+            group_stats,
+        ],
+        out_specs=[block_kv, block_kv],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         compiler_params=_params(width),
         cost_estimate=pl.CostEstimate(
             flops=8 * per_pair * pairs, transcendentals=per_pair // width * pairs, bytes_accessed=0
@@ -259,9 +287,13 @@ def _triton_backward(q, k, v, seg, do, lse, delta, scale, interpret):
         interpret=interpret,
         name="flash_attention_dkv",
     )(q, k, v, seg, seg, do, lse, delta)
+    # dQ: one program per query block of a query head.
+    whole_kv = pl.BlockSpec((None, t, None, width), lambda i, h, j: (i, 0, h // group, 0))
+    block_q = pl.BlockSpec((None, block, None, width), lambda i, h, j: (i, j, h, 0))
+    block_stats = pl.BlockSpec((None, None, block), lambda i, h, j: (i, h, j))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_k=block),
-        grid=grid,
+        grid=(b, heads, t // block),
         in_specs=[
             block_q,
             whole_kv,
@@ -281,8 +313,7 @@ def _triton_backward(q, k, v, seg, do, lse, delta, scale, interpret):
         interpret=interpret,
         name="flash_attention_dq",
     )(q, k, v, seg, seg, do, lse, delta)
-    sum_group = lambda x: x.reshape(b, t, kv_heads, group, width).sum(axis=3).astype(k.dtype)
-    return dq, sum_group(dk), sum_group(dv)
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -291,7 +322,7 @@ def _triton(q, k, v, seg, scale, interpret):
 
 
 def _triton_fwd(q, k, v, seg, scale, interpret):
-    out, lse = _triton_forward(q, k, v, seg, scale, interpret)
+    out, lse = _named(*_triton_forward(q, k, v, seg, scale, interpret))
     return (out, lse.transpose(0, 2, 1)), (q, k, v, seg, out, lse)
 
 
@@ -334,7 +365,8 @@ def _mosaic(q, k, v, seg, scale, kv_heads):
 
 
 def _mosaic_fwd(q, k, v, seg, scale, kv_heads):
-    qh, kh, vh, out, row_sum, row_max = _tpu_forward(q, k, v, seg, scale)
+    qh, kh, vh, *stats = _tpu_forward(q, k, v, seg, scale)
+    out, row_sum, row_max = _named(*stats)
     lse = (row_max + jnp.log(row_sum)).transpose(0, 2, 1)
     return (_heads_first(out), lse), (qh, kh, vh, seg, out, row_sum, row_max)
 

@@ -15,6 +15,7 @@ plus optional PEFT entries read through :mod:`jpeft.models.hooks`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ from jpeft.models.attention import CausalMask, check_implementation
 from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
+from jpeft.models.flash_attention import RESIDUALS
 from jpeft.models.layers import decoder_layer, rms_norm
 from jpeft.models.linear import dense, linear
 from jpeft.models.rope import rotary_tables
@@ -34,14 +36,33 @@ Params = dict[str, Any]
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# What each layer keeps for the backward pass; the rest is recomputed there.
-# "proj": the projection outputs (named by :func:`jpeft.models.linear.linear`), so the
-# backward recomputes attention, norms and elementwise work but no projection.
+
+def _saving(*names: str, offload: bool = False) -> Callable[..., Any]:
+    if not offload:
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(names),
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
+
+
+# What each layer keeps for its backward pass (the rest is recomputed there):
+#   none: everything; full: nothing (the layer input only); dots: matmul outputs;
+#   proj: the projection outputs (named by jpeft.models.linear.linear), so attention,
+#     norms and elementwise work are recomputed;
+#   proj_attn: also the fused attention's output and log-sum-exp (RESIDUALS), so only
+#     norms and elementwise work are recomputed (the XLA path still recomputes attention);
+#   *_offload: the same values, kept in host memory (pinned_host) between the passes.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    "proj": _saving(*PROJECTIONS),
+    "proj_attn": _saving(*PROJECTIONS, *RESIDUALS),
+    "proj_offload": _saving(*PROJECTIONS, offload=True),
+    "proj_attn_offload": _saving(*PROJECTIONS, *RESIDUALS, offload=True),
 }
 
 

@@ -86,35 +86,24 @@ def _loss_sum(
     """Loss sum and target count from the model's hidden states, the logits chunk by chunk
     (:func:`jpeft.train.loss.chunked_token_loss`); chunk ``i`` draws lm_head dropout from
     ``fold_in(rng, i)``."""
-    variables = {"params": combine(trainable, frozen)}
+    params = combine(trainable, frozen)
     examples = {k: batch[k] for k in EXAMPLE_KEYS if k in batch}
     kwargs = {k: batch[k] for k in ("attention_mask", *ROW_KEYS) if k in batch}
-    if rng is None:
-        hidden = state.apply_fn(
-            variables, batch["input_ids"], **kwargs, **examples, return_hidden=True
-        )
+    dropout = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+    hidden = state.apply_fn(
+        {"params": params}, batch["input_ids"], **kwargs, **examples, **dropout, return_hidden=True
+    )
 
-        def head(h: jax.Array, index: jax.Array) -> jax.Array:
+    def head(trained: Tree, h: jax.Array, index: jax.Array) -> jax.Array:
+        variables = {"params": combine(trained, frozen)}
+        if rng is None:
             return state.apply_fn(variables, h, **examples, method="logits")
-
-    else:
-        hidden = state.apply_fn(
-            variables,
-            batch["input_ids"],
-            **kwargs,
-            **examples,
-            deterministic=False,
-            rngs={"dropout": rng},
-            return_hidden=True,
+        rngs = {"dropout": jax.random.fold_in(rng, index)}
+        return state.apply_fn(
+            variables, h, **examples, deterministic=False, rngs=rngs, method="logits"
         )
 
-        def head(h: jax.Array, index: jax.Array) -> jax.Array:
-            rngs = {"dropout": jax.random.fold_in(rng, index)}
-            return state.apply_fn(
-                variables, h, **examples, deterministic=False, rngs=rngs, method="logits"
-            )
-
-    return chunked_token_loss(hidden, head, *_targets(batch))
+    return chunked_token_loss(hidden, head, trainable, *_targets(batch))
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
