@@ -68,7 +68,8 @@ def flash_attention(
             Every query sees at least itself, so no row is empty.
         scale: multiplies the scores (``head_dim ** -0.5``).
         backend: ``"triton"`` (GPU) or ``"mosaic"`` (TPU).
-        interpret: run the kernels in Pallas interpret mode (CPU tests).
+        interpret: run the Triton kernels in Pallas interpret mode (CPU tests; the TPU
+            kernels interpret under ``jax.experimental.pallas.tpu.force_tpu_interpret_mode``).
 
     Raises:
         ValueError: unknown backend, or head counts that do not group.
@@ -88,9 +89,9 @@ def flash_attention(
             f"flash_attention: q {q.shape} needs k and v [B, T, K, D] with H a multiple of K;"
             f" got k {k.shape}, v {v.shape}"
         )
-    if backend == "triton" and t <= 128:
+    if backend == "triton" and t <= _TPU_BLOCK:  # one block (Triton: a power of two)
         padded = max(16, 1 << (t - 1).bit_length())
-    else:  # the TPU kernels need whole key blocks
+    else:  # whole 128-row blocks, a multiple of every block size here
         padded = -(-t // _TPU_BLOCK) * _TPU_BLOCK
     width = max(16, 1 << (d - 1).bit_length()) if backend == "triton" else d
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, width - d)))
@@ -257,62 +258,54 @@ def _triton_backward(q, k, v, seg, do, lse, delta, scale, interpret):
     kv_heads = k.shape[2]
     group = heads // kv_heads
     block = min(_BLOCK_BWD, t)
+    scores = _causal_pairs(t, block, block) * b * heads * block * block  # computed scores
+
+    def call(kernel, grid, q_spec, kv_spec, q_seg, kv_seg, stats, out_specs, out_shape, dots):
+        return pl.pallas_call(
+            kernel,
+            grid=grid,
+            in_specs=[q_spec, kv_spec, kv_spec, q_seg, kv_seg, q_spec, stats, stats],
+            out_specs=out_specs,
+            out_shape=out_shape,
+            compiler_params=_params(width),
+            cost_estimate=pl.CostEstimate(
+                flops=2 * dots * width * scores, transcendentals=scores, bytes_accessed=0
+            ),
+            interpret=interpret,
+            name="flash_attention" + kernel.func.__name__.removesuffix("_kernel"),
+        )(q, k, v, seg, seg, do, lse, delta)
+
     whole_seg = pl.BlockSpec((None, t), lambda i, h, j: (i, 0))
     block_seg = pl.BlockSpec((None, block), lambda i, h, j: (i, j))
-    pairs = _causal_pairs(t, block, block)
-    per_pair = b * heads * width * block * block
-    # dK/dV: one program per key block of a key head, looping over its query heads.
-    group_q = pl.BlockSpec((None, t, group, width), lambda i, g, j: (i, 0, g, 0))
+    # dK/dV (4 dots per block pair): one program per key block of a key head, looping
+    # over the query heads of its group.
     block_kv = pl.BlockSpec((None, block, None, width), lambda i, g, j: (i, j, g, 0))
-    group_stats = pl.BlockSpec((None, group, t), lambda i, g, j: (i, g, 0))
-    dk, dv = pl.pallas_call(
+    dk, dv = call(
         functools.partial(_dkv_kernel, scale=scale, block_q=block),
-        grid=(b, kv_heads, t // block),
-        in_specs=[
-            group_q,
-            block_kv,
-            block_kv,
-            whole_seg,
-            block_seg,
-            group_q,
-            group_stats,
-            group_stats,
-        ],
-        out_specs=[block_kv, block_kv],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
-        compiler_params=_params(width),
-        cost_estimate=pl.CostEstimate(
-            flops=8 * per_pair * pairs, transcendentals=per_pair // width * pairs, bytes_accessed=0
-        ),
-        interpret=interpret,
-        name="flash_attention_dkv",
-    )(q, k, v, seg, seg, do, lse, delta)
-    # dQ: one program per query block of a query head.
-    whole_kv = pl.BlockSpec((None, t, None, width), lambda i, h, j: (i, 0, h // group, 0))
+        (b, kv_heads, t // block),
+        pl.BlockSpec((None, t, group, width), lambda i, g, j: (i, 0, g, 0)),
+        block_kv,
+        whole_seg,
+        block_seg,
+        pl.BlockSpec((None, group, t), lambda i, g, j: (i, g, 0)),
+        [block_kv, block_kv],
+        [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        dots=4,
+    )
+    # dQ (3 dots per block pair): one program per query block of a query head.
     block_q = pl.BlockSpec((None, block, None, width), lambda i, h, j: (i, j, h, 0))
-    block_stats = pl.BlockSpec((None, None, block), lambda i, h, j: (i, h, j))
-    dq = pl.pallas_call(
+    dq = call(
         functools.partial(_dq_kernel, scale=scale, block_k=block),
-        grid=(b, heads, t // block),
-        in_specs=[
-            block_q,
-            whole_kv,
-            whole_kv,
-            block_seg,
-            whole_seg,
-            block_q,
-            block_stats,
-            block_stats,
-        ],
-        out_specs=block_q,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(width),
-        cost_estimate=pl.CostEstimate(
-            flops=6 * per_pair * pairs, transcendentals=per_pair // width * pairs, bytes_accessed=0
-        ),
-        interpret=interpret,
-        name="flash_attention_dq",
-    )(q, k, v, seg, seg, do, lse, delta)
+        (b, heads, t // block),
+        block_q,
+        pl.BlockSpec((None, t, None, width), lambda i, h, j: (i, 0, h // group, 0)),
+        block_seg,
+        whole_seg,
+        pl.BlockSpec((None, None, block), lambda i, h, j: (i, h, j)),
+        block_q,
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        dots=3,
+    )
     return dq, dk, dv
 
 

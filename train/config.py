@@ -30,7 +30,7 @@ import yaml
 
 from jpeft import assets
 from jpeft.models.attention import IMPLEMENTATIONS
-from jpeft.models.llama import REMAT_POLICIES
+from jpeft.models.llama import DEFAULT_REMAT, REMAT_POLICIES
 from jpeft.train import methods
 from jpeft.train.values import coerce
 
@@ -59,7 +59,10 @@ class RunConfig:
         None, "model", "quantize the base linears while loading (nf4); qlora does it anyway"
     )
     remat: str = _opt(
-        "none", "model", "what each layer saves for the backward pass", tuple(REMAT_POLICIES)
+        DEFAULT_REMAT,
+        "model",
+        "what each layer saves for the backward pass (models/llama.py REMAT_POLICIES)",
+        tuple(REMAT_POLICIES),
     )
     attention_impl: str = _opt(
         "auto", "model", "attention kernel (auto: pallas on GPU/TPU, xla on CPU)", IMPLEMENTATIONS
