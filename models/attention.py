@@ -161,7 +161,7 @@ def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Arra
         >>> out, lse = prefix_attention(jnp.ones((1, 3, 2, 4)), jnp.ones((1, 5, 1, 4)),
         ...                             jnp.ones((1, 5, 1, 4)))
         >>> out.shape, round(float(lse[0, 0, 0]), 4)
-        ((1, 3, 2, 4), 2.6094)
+        ((1, 3, 2, 4), 3.6094)
     """
     b, t, heads, d = q.shape
     kv_heads = k.shape[2]

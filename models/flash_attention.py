@@ -79,7 +79,7 @@ def flash_attention(
         >>> out, lse = flash_attention(q, kv, kv, jnp.zeros((1, 4), jnp.int32),
         ...                            scale=8**-0.5, interpret=True)
         >>> out.shape, lse.shape, round(float(lse[0, 3, 0]), 4)
-        ((1, 4, 2, 8), (1, 4, 2), 3.2158)
+        ((1, 4, 2, 8), (1, 4, 2), 4.2147)
     """
     if backend not in BACKENDS:
         raise ValueError(f"flash_attention: backend={backend!r}; expected one of {BACKENDS}")

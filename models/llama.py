@@ -274,13 +274,21 @@ def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32
 class Llama(nn.Module):
     """Flax module around :func:`forward`; its params are the pytree above.
 
+    ``remat`` (a key of :data:`REMAT_POLICIES`) and ``attention_impl`` (auto, xla,
+    cudnn or pallas) are passed to :func:`forward`. ``return_hidden=True`` returns the
+    final hidden states; :meth:`logits` maps them to logits (the chunked loss of
+    :func:`jpeft.train.train_step` uses both).
+
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> model = Llama(cfg)
+        >>> model = Llama(cfg, attention_impl="xla")
         >>> ids = jnp.zeros((1, 4), jnp.int32)
         >>> params = model.init(jax.random.key(0), ids)["params"]
         >>> model.apply({"params": params}, ids).shape
+        (1, 4, 32)
+        >>> hidden = model.apply({"params": params}, ids, return_hidden=True)
+        >>> model.apply({"params": params}, hidden, method="logits").shape
         (1, 4, 32)
     """
 
