@@ -126,21 +126,47 @@ def peak_bytes(compiled: Any) -> int:
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
-def jaxpr_flops(fn: Callable[..., Any], *args: Any) -> int:
+def jaxpr_flops(fn: Callable[..., Any], *args: Any, platform: str | None = None) -> int:
     """Matmul FLOPs (2 per multiply-add) of one call of ``fn``, counted from its jaxpr.
 
     Counts ``dot_general`` (and ``pallas_call`` kernels through their ``cost_estimate``),
     descends into called jaxprs (``pjit``, ``remat``/``checkpoint``, custom derivatives),
-    multiplies scan bodies by their length and takes the costlier branch of a ``cond``.
+    multiplies scan bodies by their length and takes the costlier branch of a ``cond``,
+    except that a ``jax.lax.platform_dependent`` choice takes the branch ``platform``
+    (e.g. ``"cuda"``) lowers to, when given. Equations whose results nothing uses are
+    skipped, as XLA drops them (JAX keeps dead ``pallas_call``s, e.g. a recomputed
+    forward kernel whose outputs a remat policy saved).
     Rematerialised forward passes appear in the differentiated jaxpr, so they are counted.
     Elementwise work is not counted (it is memory-bound, and a small share of a step).
     """
-    return _count(jax.make_jaxpr(fn)(*args).jaxpr)
+    return _count(jax.make_jaxpr(fn)(*args).jaxpr, platform)
 
 
-def _count(jaxpr: Any) -> int:
+def _platform_branch(eqn: Any, platform: str | None) -> Any | None:
+    """The branch of a ``platform_dependent`` cond that ``platform`` lowers, else None."""
+    choices = eqn.params.get("branches_platforms")
+    if platform is None or choices is None:
+        return None
+    for branch, platforms in zip(eqn.params["branches"], choices, strict=True):
+        if platforms is None or platform in platforms:
+            return branch
+    return None
+
+
+def _live(jaxpr: Any) -> list[Any]:
+    """The equations of ``jaxpr`` that its outputs (or an effect) depend on."""
+    needed = {id(v) for v in jaxpr.outvars}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(id(v) in needed for v in eqn.outvars):
+            needed.update(id(v) for v in eqn.invars)
+            kept.append(eqn)
+    return kept[::-1]
+
+
+def _count(jaxpr: Any, platform: str | None = None) -> int:
     total = 0
-    for eqn in jaxpr.eqns:
+    for eqn in _live(jaxpr):
         name = eqn.primitive.name
         if name == "dot_general":
             total += _dot_flops(eqn)
@@ -148,14 +174,16 @@ def _count(jaxpr: Any) -> int:
             estimate = eqn.params.get("cost_estimate")
             total += int(estimate.flops) if estimate is not None else 0
         elif name == "scan":
-            total += eqn.params["length"] * _count(eqn.params["jaxpr"].jaxpr)
+            total += eqn.params["length"] * _count(eqn.params["jaxpr"].jaxpr, platform)
         elif name == "cond":
-            total += max(_count(branch.jaxpr) for branch in eqn.params["branches"])
+            chosen = _platform_branch(eqn, platform)
+            branches = eqn.params["branches"] if chosen is None else [chosen]
+            total += max(_count(branch.jaxpr, platform) for branch in branches)
         else:
             for key in _CALL_PARAMS:
                 if key in eqn.params:
                     sub = eqn.params[key]
-                    total += _count(getattr(sub, "jaxpr", sub))
+                    total += _count(getattr(sub, "jaxpr", sub), platform)
                     break
     return total
 

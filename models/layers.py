@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models import hooks
+from jpeft.models.attention import Mask, attend
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import dense, linear
@@ -37,19 +38,21 @@ def self_attention(
     p: Params,
     x: jax.Array,
     rope: tuple[jax.Array, jax.Array],
-    mask: jax.Array,
+    mask: Mask,
     cfg: LlamaConfig,
     ctx: Context,
     kv: dict[str, Any],
-    attention_impl: str | None,
+    attention_impl: str,
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """GQA self-attention for ``x [B, T, hidden]`` under a boolean ``mask [B, T, S]``.
+    """GQA self-attention for ``x [B, T, hidden]`` (see :func:`jpeft.models.attention.attend`).
 
-    ``kv`` carries this layer's optional extras: ``cache_k/cache_v`` with the
-    write position ``length`` (decoding), ``prefix_k/prefix_v`` (prepended
-    keys/values), and ``nodes`` (this layer's slice of every ``per_layer`` PEFT node,
-    each asked for its :func:`jpeft.models.hooks.adaption_output`). Returns the output
-    and the updated cache entries.
+    ``mask`` is a :class:`jpeft.models.attention.CausalMask`, or a boolean ``[B, T, S]``
+    array when decoding. ``kv`` carries this layer's optional extras:
+    ``cache_k/cache_v`` with the write position ``length`` (decoding),
+    ``prefix_k/prefix_v`` (keys/values every query sees), and ``nodes`` (this layer's
+    slice of every ``per_layer`` PEFT node, each asked for its
+    :func:`jpeft.models.hooks.adaption_output`). Returns the output and the updated
+    cache entries.
     """
     b, t, _ = x.shape
     heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -65,13 +68,8 @@ def self_attention(
         v = jax.lax.dynamic_update_slice(kv["cache_v"], v.astype(kv["cache_v"].dtype), start)
         updated = {"cache_k": k, "cache_v": v}
         k, v = k.astype(ctx.dtype), v.astype(ctx.dtype)
-    if "prefix_k" in kv:
-        k = jnp.concatenate([kv["prefix_k"].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([kv["prefix_v"].astype(v.dtype), v], axis=1)
-
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], scale=d**-0.5, implementation=attention_impl
-    )
+    prefix = (kv["prefix_k"], kv["prefix_v"]) if "prefix_k" in kv else None
+    out = attend(q, k, v, mask, prefix=prefix, implementation=attention_impl)
     out = linear(p["o_proj"], out.reshape(b, t, heads * d), ctx, "o_proj")
     for layer_node in kv.get("nodes", {}).values():
         added = hooks.adaption_output(layer_node, q, p, ctx)
@@ -84,11 +82,11 @@ def decoder_layer(
     p: Params,
     x: jax.Array,
     rope: tuple[jax.Array, jax.Array],
-    mask: jax.Array,
+    mask: Mask,
     cfg: LlamaConfig,
     ctx: Context,
     kv: dict[str, Any],
-    attention_impl: str | None,
+    attention_impl: str,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Pre-norm residual block; adapters (when present) act on each sub-layer's output."""
     h = rms_norm(p["input_layernorm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)

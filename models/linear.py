@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.models.context import Context
 from jpeft.models.hooks import ParamNode
@@ -61,8 +62,11 @@ def _dense_node(w: ParamNode) -> jax.Array:
 
 
 def linear(p: dict[str, Any], x: jax.Array, ctx: Context, name: str) -> jax.Array:
-    """An HF ``nn.Linear``: ``p`` holds ``kernel`` (a weight node) and optionally ``bias``."""
+    """An HF ``nn.Linear``: ``p`` holds ``kernel`` (a weight node) and optionally ``bias``.
+
+    The output carries ``name`` for remat policies (``jax.ad_checkpoint.checkpoint_name``).
+    """
     y = matmul(p["kernel"], x, ctx, name)
     if "bias" in p:
         y = y + dense(p["bias"]).astype(y.dtype)
-    return y
+    return checkpoint_name(y, name)

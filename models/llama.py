@@ -8,6 +8,7 @@ optional entries read through :mod:`jpeft.models.hooks`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -15,19 +16,49 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models import hooks, param_spec
+from jpeft.models.attention import CausalMask, check_implementation
 from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
+from jpeft.models.flash_attention import RESIDUALS
 from jpeft.models.layers import decoder_layer, rms_norm
 from jpeft.models.linear import dense, linear
 from jpeft.models.pytree import Params, put_path
 from jpeft.models.rope import rotary_tables
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _saving(*names: str, offload: bool = False) -> Callable[..., Any]:
+    if not offload:
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(names),
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
+
+
+# What each layer keeps for its backward pass (the rest is recomputed there):
+#   none: everything; full: nothing (the layer input only); dots: matmul outputs;
+#   proj: the projection outputs (named by jpeft.models.linear.linear), so attention,
+#     norms and elementwise work are recomputed;
+#   proj_attn: also the fused attention's output and log-sum-exp (RESIDUALS), so only
+#     norms and elementwise work are recomputed (the XLA path still recomputes attention);
+#   *_offload: the same values, kept in host memory (pinned_host) between the passes.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "proj": _saving(*PROJECTIONS),
+    "proj_attn": _saving(*PROJECTIONS, *RESIDUALS),
+    "proj_offload": _saving(*PROJECTIONS, offload=True),
+    "proj_attn_offload": _saving(*PROJECTIONS, *RESIDUALS, offload=True),
 }
+# The training default (RunConfig.remat), chosen by bench/remat.py on the 1.1B LoRA step
+# compiled for an H100: device peak as low as "full" with the FLOPs of "proj_attn".
+DEFAULT_REMAT = "proj_attn_offload"
 
 
 def forward(
@@ -41,7 +72,8 @@ def forward(
     cache: KVCache | None = None,
     ctx: Context | None = None,
     remat: str = "none",
-    attention_impl: str | None = None,
+    attention_impl: str = "auto",
+    return_hidden: bool = False,
 ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Logits ``[B, T, vocab]`` aligned with ``input_ids [B, T]``.
 
@@ -53,8 +85,12 @@ def forward(
             segment (0 = padding). Pass ``position_ids`` restarting per segment too.
         cache: a :class:`KVCache`; when given, returns ``(logits, new_cache)``.
         ctx: compute dtype, dropout key and per-row adapter/task ids.
-        remat: ``"none"``, ``"full"`` or ``"dots"`` rematerialization of each layer.
-        attention_impl: passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
+        remat: what each layer saves for the backward pass, a key of
+            :data:`REMAT_POLICIES` (``"none"`` saves everything).
+        attention_impl: ``"auto"``, ``"xla"``, ``"cudnn"`` or ``"pallas"``
+            (:mod:`jpeft.models.attention`); decoding with a cache always uses XLA.
+        return_hidden: return the final normed hidden states ``[B, T, hidden]``
+            instead of logits (:func:`lm_head` maps them to logits).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -65,6 +101,7 @@ def forward(
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    check_implementation(attention_impl)
     ctx = ctx or Context()
     b, t = input_ids.shape
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
@@ -88,25 +125,18 @@ def forward(
     rope = rotary_tables(cfg, positions)
 
     if cache is None:
-        attn_mask = _causal_mask(mask, segment_ids)
+        attn_mask = CausalMask(mask, segment_ids)
     else:
         if x.shape[1] > cache.max_len:
             raise ValueError(f"{x.shape[1]} tokens do not fit a cache of {cache.max_len} slots")
         new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.length))
         attn_mask = _cached_mask(new_mask, cache.length, x.shape[1])
         extras["cache_k"], extras["cache_v"] = cache.k, cache.v
-    if n_prefix:
-        attn_mask = jnp.concatenate(
-            [jnp.ones((b, attn_mask.shape[1], n_prefix), bool), attn_mask], axis=2
-        )
 
     per_layer = {"layer": params["layers"], "nodes": peft.per_layer, **extras}
     x, updated = _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention_impl)
     x = rms_norm(params["norm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)[:, n_prompt:]
-    if cfg.tie_word_embeddings:
-        logits = x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
-    else:
-        logits = linear(params["lm_head"], x, ctx, "lm_head")
+    logits = x if return_hidden else lm_head(params, cfg, x, ctx)
     if cache is None:
         return logits
     new_cache = KVCache(
@@ -140,12 +170,23 @@ def _prepend_prompt(
     return x, mask, position_ids, n
 
 
-def _causal_mask(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    t = valid.shape[1]
-    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (valid[:, None, :] > 0)
-    if segment_ids is not None:
-        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    return allowed
+def lm_head(
+    params: Params, cfg: LlamaConfig, x: jax.Array, ctx: Context | None = None
+) -> jax.Array:
+    """Logits ``[..., vocab]`` of final normed hidden states ``x [..., hidden]``.
+
+    The output embedding, or the input embedding when ``cfg.tie_word_embeddings``.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> lm_head(init_params(jax.random.key(0), cfg), cfg, jnp.ones((3, 16))).shape
+        (3, 32)
+    """
+    ctx = ctx or Context()
+    if cfg.tie_word_embeddings:
+        return x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
+    return linear(params["lm_head"], x, ctx, "lm_head")
 
 
 def _cached_mask(slot_valid: jax.Array, length: jax.Array, t: int) -> jax.Array:
@@ -198,13 +239,21 @@ def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32
 class Llama(nn.Module):
     """Flax module around :func:`forward`; its params are the pytree above.
 
+    ``remat`` (a key of :data:`REMAT_POLICIES`) and ``attention_impl`` (auto, xla,
+    cudnn or pallas) are passed to :func:`forward`. ``return_hidden=True`` returns the
+    final hidden states; :meth:`logits` maps them to logits (the chunked loss of
+    :func:`jpeft.train.train_step` uses both).
+
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> model = Llama(cfg)
+        >>> model = Llama(cfg, attention_impl="xla")
         >>> ids = jnp.zeros((1, 4), jnp.int32)
         >>> params = model.init(jax.random.key(0), ids)["params"]
         >>> model.apply({"params": params}, ids).shape
+        (1, 4, 32)
+        >>> hidden = model.apply({"params": params}, ids, return_hidden=True)
+        >>> model.apply({"params": params}, hidden, method="logits").shape
         (1, 4, 32)
     """
 
@@ -212,7 +261,7 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -225,13 +274,13 @@ class Llama(nn.Module):
         adapter_ids: jax.Array | None = None,
         task_ids: jax.Array | None = None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         if self.is_initializing():
             base = init_params(self.make_rng("params"), self.cfg, self.param_dtype)
             for name, value in base.items():
                 self.param(name, lambda _, v=value: v)
-        rng = None if deterministic else self.make_rng("dropout")
-        ctx = Context(self.dtype, rng=rng, adapter_ids=adapter_ids, task_ids=task_ids)
+        ctx = self._context(adapter_ids, task_ids, deterministic)
         return forward(
             self.variables["params"],
             self.cfg,
@@ -243,4 +292,25 @@ class Llama(nn.Module):
             ctx=ctx,
             remat=self.remat,
             attention_impl=self.attention_impl,
+            return_hidden=return_hidden,
         )
+
+    def logits(
+        self,
+        hidden: jax.Array,
+        adapter_ids: jax.Array | None = None,
+        task_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """:func:`lm_head` of hidden states ``[B, T, hidden]`` from ``return_hidden=True``.
+
+        Call it as ``model.apply(variables, hidden, method="logits")``.
+        """
+        ctx = self._context(adapter_ids, task_ids, deterministic)
+        return lm_head(self.variables["params"], self.cfg, hidden, ctx)
+
+    def _context(
+        self, adapter_ids: jax.Array | None, task_ids: jax.Array | None, deterministic: bool
+    ) -> Context:
+        rng = None if deterministic else self.make_rng("dropout")
+        return Context(self.dtype, rng=rng, adapter_ids=adapter_ids, task_ids=task_ids)

@@ -114,7 +114,12 @@ def train_state(
         raise ValueError(f"--method {run.method} left nothing trainable")
     if jax.process_count() > 1:  # only host values may be placed on other processes' devices
         trainable, frozen = jax.device_get((trainable, frozen))
-    model = llama.Llama(cfg, dtype=jnp.dtype(run.compute_dtype), remat=run.remat)
+    model = llama.Llama(
+        cfg,
+        dtype=jnp.dtype(run.compute_dtype),
+        remat=run.remat,
+        attention_impl=run.attention_impl,
+    )
     lr = schedule(run)
     state = TrainState.create(
         apply_fn=model.apply,

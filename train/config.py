@@ -29,6 +29,8 @@ from typing import Any
 import yaml
 
 from jpeft import assets
+from jpeft.models.attention import IMPLEMENTATIONS
+from jpeft.models.llama import DEFAULT_REMAT, REMAT_POLICIES
 from jpeft.train import methods
 from jpeft.train.data.formats import FORMATS
 from jpeft.train.values import coerce
@@ -61,7 +63,15 @@ class RunConfig:
     quantize: str | None = _opt(
         None, "model", "quantize the base linears while loading (nf4); qlora does it anyway"
     )
-    remat: str = _opt("none", "model", "rematerialize each layer", ("none", "full", "dots"))
+    remat: str = _opt(
+        DEFAULT_REMAT,
+        "model",
+        "what each layer saves for the backward pass (models/llama.py REMAT_POLICIES)",
+        tuple(REMAT_POLICIES),
+    )
+    attention_impl: str = _opt(
+        "auto", "model", "attention kernel (auto: pallas on GPU/TPU, xla on CPU)", IMPLEMENTATIONS
+    )
     train_data: str = _opt(
         "assets/data/train.jsonl", "data", "JSONL, JSON or Parquet records, or a text file"
     )

@@ -20,6 +20,7 @@ import optax
 
 from jpeft.models.pytree import Tree
 from jpeft.partition import combine
+from jpeft.train.loss import chunked_token_loss, token_loss
 from jpeft.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -29,40 +30,14 @@ ROW_KEYS = ("position_ids", "segment_ids")
 EXAMPLE_KEYS = ("adapter_ids", "task_ids")
 
 
-def token_loss(
-    logits: jax.Array,
-    input_ids: jax.Array,
-    loss_mask: jax.Array,
-    attention_mask: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """``(sum of fp32 cross-entropy over targets, number of targets)``.
-
-    The logits at ``t - 1`` predict token ``t``; token ``t`` is a target when
-    ``loss_mask[t] == 1``, it is not padding (``attention_mask[t] == 1``) and, in a
-    packed row, it is in the same segment as token ``t - 1``.
-
-    Example:
-        >>> logits = jnp.zeros((1, 3, 4))
-        >>> ids, lm = jnp.array([[0, 1, 2]]), jnp.array([[0, 1, 1]])
-        >>> total, n = token_loss(logits, ids, lm)
-        >>> round(float(total / n), 4), int(n)
-        (1.3863, 2)
-    """
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    if attention_mask is not None:
-        weights = weights * (attention_mask[:, 1:] > 0)
-    if segment_ids is not None:
-        weights = weights * (segment_ids[:, 1:] == segment_ids[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), input_ids[:, 1:]
-    )
-    return jnp.sum(ce * weights), jnp.sum(weights)
+def _targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, ...]:
+    keys = ("input_ids", "loss_mask", "attention_mask")
+    return (*(batch[k] for k in keys), batch.get("segment_ids"))
 
 
 def batch_loss(logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """:func:`token_loss` of a batch: ``input_ids``, ``loss_mask``, ``attention_mask``
-    and, for packed rows, ``segment_ids``.
+    """:func:`jpeft.train.loss.token_loss` of a batch: ``input_ids``, ``loss_mask``,
+    ``attention_mask`` and, for packed rows, ``segment_ids``.
 
     Example:
         >>> ids = jnp.array([[0, 1, 2]])
@@ -70,13 +45,7 @@ def batch_loss(logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.A
         >>> int(batch_loss(jnp.zeros((1, 3, 4)), batch)[1])
         2
     """
-    return token_loss(
-        logits,
-        batch["input_ids"],
-        batch["loss_mask"],
-        batch["attention_mask"],
-        batch.get("segment_ids"),
-    )
+    return token_loss(logits, *_targets(batch))
 
 
 def check_batch(batch: Batch, accum: int = 1) -> None:
@@ -113,19 +82,27 @@ def check_batch(batch: Batch, accum: int = 1) -> None:
 def _loss_sum(
     trainable: Tree, state: TrainState, frozen: Tree, batch: Batch, rng: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
+    """Loss sum and target count from the model's hidden states, the logits chunk by chunk
+    (:func:`jpeft.train.loss.chunked_token_loss`); chunk ``i`` draws lm_head dropout from
+    ``fold_in(rng, i)``."""
     params = combine(trainable, frozen)
-    kwargs = {k: batch[k] for k in ("attention_mask", *ROW_KEYS, *EXAMPLE_KEYS) if k in batch}
-    if rng is None:
-        logits = state.apply_fn({"params": params}, batch["input_ids"], **kwargs)
-    else:
-        logits = state.apply_fn(
-            {"params": params},
-            batch["input_ids"],
-            **kwargs,
-            deterministic=False,
-            rngs={"dropout": rng},
+    examples = {k: batch[k] for k in EXAMPLE_KEYS if k in batch}
+    kwargs = {k: batch[k] for k in ("attention_mask", *ROW_KEYS) if k in batch}
+    dropout = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+    hidden = state.apply_fn(
+        {"params": params}, batch["input_ids"], **kwargs, **examples, **dropout, return_hidden=True
+    )
+
+    def head(trained: Tree, h: jax.Array, index: jax.Array) -> jax.Array:
+        variables = {"params": combine(trained, frozen)}
+        if rng is None:
+            return state.apply_fn(variables, h, **examples, method="logits")
+        rngs = {"dropout": jax.random.fold_in(rng, index)}
+        return state.apply_fn(
+            variables, h, **examples, deterministic=False, rngs=rngs, method="logits"
         )
-    return batch_loss(logits, batch)
+
+    return chunked_token_loss(hidden, head, trainable, *_targets(batch))
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
