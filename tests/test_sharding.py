@@ -28,6 +28,7 @@ from jpeft.train.sharding import (
     partition_spec,
     shard_batch,
     sharded_train_step,
+    state_shardings,
     tree_shardings,
 )
 
@@ -81,15 +82,14 @@ def test_partition_specs_follow_the_rules():
 
 def test_optimizer_state_follows_the_trainable_layout():
     trainable, frozen = jpeft.split(lora_params())
-    params = jpeft.combine(trainable, frozen)
     state = TrainState.create(apply_fn=None, trainable=trainable, tx=optax.adamw(1e-3))
-    sh = tree_shardings(state, MESH, params)
+    sh = state_shardings(state, MESH)
     a = sh.trainable["layers"]["self_attn"]["q_proj"]["kernel"].adapters[0].a
     mu_b = sh.opt_state[0].mu["layers"]["self_attn"]["v_proj"]["kernel"].adapters[0].b
     assert a.spec == P(None, "fsdp", None)
     assert mu_b.spec == P(None, None, "tensor")
     assert sh.opt_state[0].count.spec == P() and sh.step.spec == P()
-    frozen_sh = tree_shardings(frozen, MESH, params)
+    frozen_sh = tree_shardings(frozen, MESH)
     assert frozen_sh["layers"]["mlp"]["up_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
 
 

@@ -16,13 +16,20 @@ from jpeft.optim.groups import (
     scale_schedule,
     with_clipping,
 )
-from jpeft.optim.paged import host_offload_supported, paged, to_device, to_host
+from jpeft.optim.paged import (
+    conditional_update,
+    host_offload_supported,
+    paged,
+    to_device,
+    to_host,
+)
 
 __all__ = [
     "QuantizedMoment",
     "ScaleByAdam8bitState",
     "adamw",
     "adamw_8bit",
+    "conditional_update",
     "decay_mask",
     "decayed_fields",
     "fast_fields",
