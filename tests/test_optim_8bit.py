@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 import torch
+from conftest import tiny_config
 
 import jpeft
 from jpeft.models import llama
-from jpeft.models.config import LlamaConfig
 from jpeft.optim import QuantizedMoment, adamw_8bit, scale_by_adam_8bit
 
 
@@ -136,14 +136,7 @@ def test_per_layer_min_8bit_size_and_blocks_match_bnb():
     moments in fp32 (min_8bit_size 4096 counts per tensor, not per stack). up_proj's B holds
     16 x 264 = 4,224 per layer: 8-bit, 16.5 blocks per layer, each layer's last block partial.
     """
-    cfg = LlamaConfig(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=264,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
+    cfg = tiny_config(hidden_size=64, intermediate_size=264, num_hidden_layers=4)
     params = llama.init_params(jax.random.key(0), cfg)
     lora = jpeft.LoRA(r=16, alpha=32, targets=("q_proj", "up_proj"))
     trainable, _ = jpeft.split(lora.init(jax.random.key(1), params, cfg))

@@ -6,9 +6,6 @@ does), so the rest of the suite keeps 1 device.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -16,27 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import run_on_cpu_devices, tiny_config
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import jpeft
 from jpeft.models import llama
-from jpeft.models.config import LlamaConfig
 from jpeft.optim import QuantizedMoment, adamw, adamw_8bit, paged
 from jpeft.optim.adamw8bit import init_moment
 from jpeft.optim.state_map import map_params
 from jpeft.train import TrainState
 from jpeft.train.sharding import state_shardings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = LlamaConfig(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+CFG = tiny_config(vocab_size=128, hidden_size=64, intermediate_size=128)
 MESHES = ("data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2")
 # Blocks of 4 fill every shard of these tiny tensors on 8 devices; min_8bit_size 0: all 8-bit.
 OPTIMIZERS = {
@@ -132,18 +121,7 @@ def _check_on_8_devices() -> None:
 
 
 def test_optimizer_state_shards_like_params_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env.update(JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "optimizer state follows the params" in proc.stdout
+    assert "optimizer state follows the params" in run_on_cpu_devices(__file__)
 
 
 def test_8bit_absmax_that_cannot_follow_warns_naming_the_leaf():

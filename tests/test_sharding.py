@@ -6,15 +6,12 @@ The 8-device check runs this file as a script in a subprocess (with
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import run_on_cpu_devices
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -32,7 +29,6 @@ from jpeft.train.sharding import (
     tree_shardings,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(
     vocab_size=97,  # not divisible by 2: the vocab axis falls back to replicated
     hidden_size=32,
@@ -105,18 +101,7 @@ def test_mesh_specs_are_validated():
 
 
 def test_sharded_step_on_8_devices_equals_1_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env.update(JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "sharded == unsharded" in proc.stdout
+    assert "sharded == unsharded" in run_on_cpu_devices(__file__)
 
 
 def _compare_on_8_devices() -> None:

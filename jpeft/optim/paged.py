@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jpeft.optim.state_map import SHARED, param_groups
@@ -62,17 +63,6 @@ def to_device(tree: optax.OptState) -> optax.OptState:
         'device'
     """
     return jax.device_put(tree, jax.memory.Space.Device)
-
-
-def in_host_memory(x: Any) -> bool:
-    """True for an array (or a traced or abstract one) that lives in host memory.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> in_host_memory(to_host(jnp.zeros(2))), in_host_memory(jnp.zeros(2))
-        (True, False)
-    """
-    return jax.typeof(x).memory_space == jax.memory.Space.Host
 
 
 def state_memory_kinds(tx: optax.GradientTransformation, params: Tree) -> Tree:
@@ -168,8 +158,8 @@ def conditional_update(
     """``tx.update(updates, state, params)``, keeping the old state where ``apply`` is False.
 
     ``apply`` is a bool scalar (e.g. "the loss and gradients are finite"); the updates are
-    returned as computed either way. Each new state leaf comes back in the memory of the old
-    one. When some of ``state`` lives in host memory (:func:`paged`), the update runs once
+    returned as computed either way. Each new state leaf comes back in the memory ``tx``
+    keeps it in. When ``tx`` keeps state in host memory (:func:`paged`), the update runs once
     per parameter that owns state (XLA keeps, of each run, only that parameter's part), and
     each run fetches its parameter's state only after the previous one has been written
     back, so that device memory holds about one parameter's state at a time. The choice
@@ -187,7 +177,12 @@ def conditional_update(
     """
     select = lambda new, old: jnp.where(apply, new, old)
     leaves, treedef = jax.tree.flatten(state)
-    host = [in_host_memory(leaf) for leaf in leaves]
+    # where tx keeps each leaf (the state passed in may sit elsewhere, e.g. unplaced)
+    like = updates if params is None else params
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+    host = [
+        kind == HOST_MEMORY_KIND for kind in treedef.flatten_up_to(state_memory_kinds(tx, shapes))
+    ]
     if not any(host):
         new_updates, new_state = tx.update(updates, state, params)
         return new_updates, jax.tree.map(select, new_state, state)
