@@ -4,7 +4,9 @@ Rules map logical axis names to mesh axes: ``fsdp`` shards the hidden size
 (``embed``), ``tensor`` shards attention heads, the MLP width and the vocabulary,
 and batches are split over ``("data", "fsdp")``. A dimension that does not
 divide by its mesh axes stays replicated, as does every array with no known
-logical axes. One code path serves 1 CPU, 8 GPUs and a multi-host pod::
+logical axes. The optimizer state takes the shardings of the params it belongs to
+(:func:`optimizer_shardings`), and keeps a paged optimizer's host memory kind. One code
+path serves 1 CPU, 8 GPUs and a multi-host pod::
 
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     step, state, frozen = sharded_train_step(mesh, state, frozen)
