@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -116,3 +119,23 @@ def bnb_4bit_model(
     return transformers.LlamaForCausalLM.from_pretrained(
         path, quantization_config=bnb, device_map="cpu", dtype=torch.float32
     ).eval()
+
+
+def run_on_cpu_devices(script: str, devices: int = 8) -> str:
+    """stdout of ``python script`` run with ``devices`` CPU devices; fails on a non-zero exit.
+
+    The rest of the suite keeps one device (XLA fixes the count when the backend starts).
+    """
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(script)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout

@@ -7,7 +7,10 @@ import numpy as np
 import optax
 import pytest
 import torch
+from conftest import tiny_config
 
+import jpeft
+from jpeft.models import llama
 from jpeft.optim import QuantizedMoment, adamw_8bit, scale_by_adam_8bit
 
 
@@ -41,8 +44,8 @@ def test_matches_bnb_adamw8bit_steps():
             np.testing.assert_allclose(jax_params[k], p.detach().numpy(), rtol=0, atol=2e-6)
         ref_state = reference.state[torch_params["big"]]
         mu, nu = state[0].mu["big"], state[0].nu["big"]
-        np.testing.assert_array_equal(mu.codes, ref_state["state1"].numpy().reshape(-1))
-        np.testing.assert_array_equal(nu.codes, ref_state["state2"].numpy().reshape(-1))
+        np.testing.assert_array_equal(mu.codes, ref_state["state1"].numpy())
+        np.testing.assert_array_equal(nu.codes, ref_state["state2"].numpy())
         np.testing.assert_array_equal(mu.absmax, ref_state["absmax1"].numpy())
         np.testing.assert_array_equal(nu.absmax, ref_state["absmax2"].numpy())
         small_ref = reference.state[torch_params["small"]]
@@ -96,7 +99,7 @@ def test_small_tensors_keep_fp32_moments():
     state = scale_by_adam_8bit().init({"a": jnp.zeros(4095), "b": jnp.zeros((64, 64))})
     assert state.mu["a"].dtype == jnp.float32 and state.mu["a"].shape == (4095,)
     assert isinstance(state.nu["b"], QuantizedMoment)
-    assert state.nu["b"].codes.dtype == jnp.uint8 and state.nu["b"].codes.shape == (4096,)
+    assert state.nu["b"].codes.dtype == jnp.uint8 and state.nu["b"].codes.shape == (64, 64)
     assert state.nu["b"].absmax.shape == (16,)
 
 
@@ -124,3 +127,57 @@ def test_weight_decay_mask_schedule_and_donation():
 def test_bad_hyperparameters_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         scale_by_adam_8bit(**kwargs)
+
+
+def test_per_layer_min_8bit_size_and_blocks_match_bnb():
+    """LoRA r=16 on hidden 64, 4 stacked layers, against bnb on one tensor per layer.
+
+    The A and B matrices of q_proj hold 1,024 elements per layer: bitsandbytes keeps their
+    moments in fp32 (min_8bit_size 4096 counts per tensor, not per stack). up_proj's B holds
+    16 x 264 = 4,224 per layer: 8-bit, 16.5 blocks per layer, each layer's last block partial.
+    """
+    cfg = tiny_config(hidden_size=64, intermediate_size=264, num_hidden_layers=4)
+    params = llama.init_params(jax.random.key(0), cfg)
+    lora = jpeft.LoRA(r=16, alpha=32, targets=("q_proj", "up_proj"))
+    trainable, _ = jpeft.split(lora.init(jax.random.key(1), params, cfg))
+    trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # B starts at zero
+    leaves, treedef = jax.tree.flatten(trainable)
+    torch_params = [
+        [torch.nn.Parameter(torch.from_numpy(np.array(leaf[i]))) for i in range(leaf.shape[0])]
+        for leaf in leaves
+    ]
+    reference = bnb.optim.AdamW8bit(
+        [p for ps in torch_params for p in ps], lr=1e-2, weight_decay=0.1
+    )
+    tx = adamw_8bit(1e-2, weight_decay=0.1)
+    state = tx.init(trainable)
+    mu = treedef.flatten_up_to(state[0].mu)
+    quantized = [isinstance(m, QuantizedMoment) for m in mu]
+    assert [leaf.shape[1:] for leaf, q in zip(leaves, quantized, strict=True) if q] == [(16, 264)]
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        grads = [rng.standard_normal(leaf.shape).astype(np.float32) for leaf in leaves]
+        for layers, grad in zip(torch_params, grads, strict=True):
+            for i, p in enumerate(layers):
+                p.grad = torch.from_numpy(grad[i].copy())
+        reference.step()
+        updates, state = update(
+            treedef.unflatten([jnp.asarray(g) for g in grads]), state, trainable
+        )
+        trainable = optax.apply_updates(trainable, updates)
+    for leaf, layers, m, q in zip(
+        jax.tree.leaves(trainable),
+        torch_params,
+        treedef.flatten_up_to(state[0].mu),
+        quantized,
+        strict=True,
+    ):
+        for i, p in enumerate(layers):
+            np.testing.assert_allclose(leaf[i], p.detach().numpy(), rtol=0, atol=2e-6)
+            ref = reference.state[p]
+            if q:
+                np.testing.assert_array_equal(m.codes[i], ref["state1"].numpy())
+                np.testing.assert_array_equal(m.absmax[i], ref["absmax1"].numpy())
+            else:
+                np.testing.assert_allclose(m[i], ref["state1"].numpy(), rtol=1e-5, atol=1e-7)

@@ -6,15 +6,12 @@ The 8-device check runs this file as a script in a subprocess (with
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import run_on_cpu_devices
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -28,10 +25,10 @@ from jpeft.train.sharding import (
     partition_spec,
     shard_batch,
     sharded_train_step,
+    state_shardings,
     tree_shardings,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(
     vocab_size=97,  # not divisible by 2: the vocab axis falls back to replicated
     hidden_size=32,
@@ -81,15 +78,14 @@ def test_partition_specs_follow_the_rules():
 
 def test_optimizer_state_follows_the_trainable_layout():
     trainable, frozen = jpeft.split(lora_params())
-    params = jpeft.combine(trainable, frozen)
     state = TrainState.create(apply_fn=None, trainable=trainable, tx=optax.adamw(1e-3))
-    sh = tree_shardings(state, MESH, params)
+    sh = state_shardings(state, MESH)
     a = sh.trainable["layers"]["self_attn"]["q_proj"]["kernel"].adapters[0].a
     mu_b = sh.opt_state[0].mu["layers"]["self_attn"]["v_proj"]["kernel"].adapters[0].b
     assert a.spec == P(None, "fsdp", None)
     assert mu_b.spec == P(None, None, "tensor")
     assert sh.opt_state[0].count.spec == P() and sh.step.spec == P()
-    frozen_sh = tree_shardings(frozen, MESH, params)
+    frozen_sh = tree_shardings(frozen, MESH)
     assert frozen_sh["layers"]["mlp"]["up_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
 
 
@@ -105,18 +101,7 @@ def test_mesh_specs_are_validated():
 
 
 def test_sharded_step_on_8_devices_equals_1_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env.update(JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "sharded == unsharded" in proc.stdout
+    assert "sharded == unsharded" in run_on_cpu_devices(__file__)
 
 
 def _compare_on_8_devices() -> None:

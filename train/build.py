@@ -101,6 +101,53 @@ def init_params(run: RunConfig, peft: jpeft.Method, base: Params, cfg: LlamaConf
     return peft.init(jax.random.fold_in(jax.random.key(run.seed), 1), base, cfg)
 
 
+def model(run: RunConfig, cfg: LlamaConfig) -> llama.Llama:
+    """The Flax LLaMA the run trains (compute dtype, rematerialization and attention from ``run``).
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> model(RunConfig(remat="full"), cfg).remat
+        'full'
+    """
+    return llama.Llama(
+        cfg,
+        dtype=jnp.dtype(run.compute_dtype),
+        remat=run.remat,
+        attention_impl=run.attention_impl,
+    )
+
+
+def create_state(run: RunConfig, trainable: Params, cfg: LlamaConfig) -> TrainState:
+    """The step-0 :class:`TrainState` of the run, not yet placed on a mesh.
+
+    Pure in ``trainable``: ``jax.eval_shape(lambda t: create_state(run, t, cfg), trainable)``
+    gives the abstract state of a model too large to allocate here.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> params = jax.eval_shape(lambda: jpeft.LoRA(r=2).init(
+        ...     jax.random.key(0), llama.init_params(jax.random.key(1), cfg), cfg))
+        >>> state = jax.eval_shape(lambda t: create_state(RunConfig(), t, cfg),
+        ...                        jpeft.split(params)[0])
+        >>> state.opt_state[1][0].mu["layers"]["self_attn"]["q_proj"]["kernel"].adapters[0].a.shape
+        (2, 16, 2)
+    """
+    lr = schedule(run)
+    with jax.ensure_compile_time_eval():  # a constant, under eval_shape too
+        # a raw uint32 key: typed key arrays cannot be placed on other processes' devices
+        rng = np.asarray(jax.random.key_data(jax.random.key(run.seed)))
+    return TrainState.create(
+        apply_fn=model(run, cfg).apply,
+        trainable=trainable,
+        tx=optimizer(run, lr),
+        rng=rng,
+        grad_accum_steps=run.grad_accum,
+        lr_schedule=lr,
+    )
+
+
 def train_state(
     run: RunConfig, params: Params, cfg: LlamaConfig, mesh: Mesh
 ) -> tuple[Any, TrainState, Params]:
@@ -114,23 +161,7 @@ def train_state(
         raise ValueError(f"--method {run.method} left nothing trainable")
     if jax.process_count() > 1:  # only host values may be placed on other processes' devices
         trainable, frozen = jax.device_get((trainable, frozen))
-    model = llama.Llama(
-        cfg,
-        dtype=jnp.dtype(run.compute_dtype),
-        remat=run.remat,
-        attention_impl=run.attention_impl,
-    )
-    lr = schedule(run)
-    state = TrainState.create(
-        apply_fn=model.apply,
-        trainable=trainable,
-        tx=optimizer(run, lr),
-        # a raw uint32 key: typed key arrays cannot be placed on other processes' devices
-        rng=np.asarray(jax.random.key_data(jax.random.key(run.seed))),
-        grad_accum_steps=run.grad_accum,
-        lr_schedule=lr,
-    )
-    return sharded_train_step(mesh, state, frozen)
+    return sharded_train_step(mesh, create_state(run, trainable, cfg), frozen)
 
 
 def count(tree: Any) -> int:

@@ -74,7 +74,7 @@ def load_model(
     else:
         params = base
     mesh = make_mesh(run.mesh)
-    params = jax.device_put(params, tree_shardings(params, mesh, params))
+    params = jax.device_put(params, tree_shardings(params, mesh))
     return Model(path, cfg, tokenizer, method, params)
 
 

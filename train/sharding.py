@@ -4,7 +4,9 @@ Rules map logical axis names to mesh axes: ``fsdp`` shards the hidden size
 (``embed``), ``tensor`` shards attention heads, the MLP width and the vocabulary,
 and batches are split over ``("data", "fsdp")``. A dimension that does not
 divide by its mesh axes stays replicated, as does every array with no known
-logical axes. One code path serves 1 CPU, 8 GPUs and a multi-host pod::
+logical axes. The optimizer state takes the shardings of the params it belongs to
+(:func:`optimizer_shardings`), and keeps a paged optimizer's host memory kind. One code
+path serves 1 CPU, 8 GPUs and a multi-host pod::
 
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     step, state, frozen = sharded_train_step(mesh, state, frozen)
@@ -13,17 +15,22 @@ logical axes. One code path serves 1 CPU, 8 GPUs and a multi-host pod::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpeft.models.pytree import Tree
-from jpeft.partition import combine
+from jpeft.optim.adamw8bit import QuantizedMoment
+from jpeft.optim.paged import state_memory_kinds
+from jpeft.optim.state_map import map_params
 from jpeft.sharding import is_axes, logical_axes
 from jpeft.train.state import TrainState
 from jpeft.train.step import Batch, train_step
@@ -122,43 +129,140 @@ def partition_spec(
     return PartitionSpec(*spec)
 
 
-def tree_shardings(tree: Tree, mesh: Mesh, params: Tree, rules: Rules = RULES) -> Tree:
-    """``NamedSharding`` for every array of ``tree``, from the logical axes of ``params``.
+def tree_shardings(tree: Tree, mesh: Mesh, rules: Rules = RULES) -> Tree:
+    """``NamedSharding`` for every array of a params tree (or either part of :func:`jpeft.split`).
 
-    ``tree`` may be the params, either part of :func:`jpeft.split`, an optimizer
-    state or a whole :class:`TrainState`: an array takes the axes of the params
-    array whose path is the longest suffix of its own path and whose shape is the
-    same (so Adam's ``mu`` and ``nu`` follow the trainable layout); anything else
-    is replicated.
+    Each array's spec comes from its logical axes (:func:`jpeft.sharding.logical_axes`).
 
     Example:
         >>> import jax.numpy as jnp
         >>> params = {"norm": {"scale": jnp.ones(4)}}
-        >>> tuple(tree_shardings(params, make_mesh(), params)["norm"]["scale"].spec)
+        >>> tuple(tree_shardings(params, make_mesh())["norm"]["scale"].spec)
         (None,)
     """
-    table = _axes_table(params)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+
+    def place(axes: tuple[str | None, ...], leaf: Any) -> NamedSharding:
+        return NamedSharding(mesh, partition_spec(axes, tuple(np.shape(leaf)), mesh, rules))
+
+    return jax.tree.map(place, logical_axes(tree), tree, is_leaf=is_axes)
+
+
+def optimizer_shardings(
+    tx: optax.GradientTransformation, opt_state: Tree, params: Tree, param_shardings: Tree
+) -> Tree:
+    """Shardings of ``opt_state = tx.init(params)`` that follow the params' shardings.
+
+    Every per-parameter entry of the state (found by :func:`optax.tree_map_params`, see
+    :mod:`jpeft.optim.state_map`) takes its parameter's sharding: an array of the
+    parameter's shape exactly, an 8-bit :class:`jpeft.optim.QuantizedMoment` its codes
+    exactly and its absmax on the dimensions it shares with the parameter. Step counts and
+    other shared entries are replicated. State that ``tx`` keeps in host memory (see
+    :func:`jpeft.optim.paged`) gets the ``pinned_host`` memory kind.
+
+    Warns (``UserWarning`` naming the leaf) where an entry ends up replicated over a mesh
+    axis its parameter is sharded over, and replicates the whole state, with a warning, if
+    it holds per-parameter entries of an unknown structure.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> params = {"w": jnp.zeros((4, 8))}
+        >>> tx = optax.adam(1e-3)
+        >>> sh = optimizer_shardings(tx, tx.init(params), params,
+        ...                          tree_shardings(params, make_mesh()))
+        >>> tuple(sh[0].mu["w"].spec), tuple(sh[0].count.spec)
+        ((None, None), ())
+    """
+    leaves = jax.tree.leaves(param_shardings)
+    mesh = leaves[0].mesh if leaves else None
+    replicated = NamedSharding(mesh, PartitionSpec())
+    names = jax.tree_util.tree_map_with_path(lambda path, _: jax.tree_util.keystr(path), params)
+
+    def follow(entry: Any, param: Any, sharding: NamedSharding, name: str) -> Any:
+        if isinstance(entry, optax.MaskedNode):
+            return entry
+        if isinstance(entry, QuantizedMoment):
+            absmax = _follow_dims(sharding, np.shape(entry.absmax), entry.aligned_dims)
+            _warn_if_less_sharded(sharding, absmax, f"{name} (8-bit absmax)")
+            return dataclasses.replace(entry, codes=sharding, absmax=absmax)
+        if np.shape(entry) == np.shape(param):
+            return sharding
+        _warn_if_less_sharded(sharding, replicated, f"{name} (state of shape {np.shape(entry)})")
+        return replicated
+
+    def shared(subtree: Any) -> Any:
+        for leaf in jax.tree.leaves(subtree):
+            if np.size(leaf) > 1:
+                warnings.warn(
+                    f"optimizer state: a shared {np.shape(leaf)} array of {type(subtree).__name__}"
+                    " belongs to no parameter; it is replicated",
+                    stacklevel=3,
+                )
+        return jax.tree.map(lambda _: replicated, subtree)
+
+    try:
+        shardings = map_params(
+            tx, follow, opt_state, params, param_shardings, names, non_params=shared
+        )
+    except (ValueError, TypeError) as error:
+        warnings.warn(
+            f"optimizer state: cannot match its entries to the params ({error}); "
+            "the whole state is replicated",
+            stacklevel=2,
+        )
+        shardings = jax.tree.map(lambda _: replicated, opt_state)
+    kinds = state_memory_kinds(tx, params)
+    return jax.tree.map(
+        lambda sh, kind: sh if kind is None else sh.update(memory_kind=kind), shardings, kinds
+    )
+
+
+def _follow_dims(sharding: NamedSharding, shape: tuple[int, ...], aligned: int) -> NamedSharding:
+    """``sharding`` on the first ``aligned`` dims of ``shape`` (where they divide), else None."""
+    spec = tuple(sharding.spec) + (None,) * len(shape)
     out = []
-    for path, leaf in paths:
-        shape = tuple(np.shape(leaf))
-        axes = _lookup(table, tuple(path), shape)
-        out.append(NamedSharding(mesh, partition_spec(axes, shape, mesh, rules)))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    for dim, size in enumerate(shape):
+        names = spec[dim] if dim < aligned else None
+        axes = (names,) if isinstance(names, str) else tuple(names or ())
+        divides = size % math.prod(sharding.mesh.shape[a] for a in axes) == 0
+        out.append(names if divides else None)
+    return NamedSharding(sharding.mesh, PartitionSpec(*out))
 
 
-def _axes_table(params: Tree) -> dict[tuple[Any, ...], tuple[tuple[int, ...], Any]]:
-    shapes = {tuple(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    axes = jax.tree_util.tree_leaves_with_path(logical_axes(params), is_leaf=is_axes)
-    return {tuple(p): (shapes[tuple(p)], a) for p, a in axes if tuple(p) in shapes}
+def _mesh_axes(sharding: NamedSharding) -> set[str]:
+    out: set[str] = set()
+    for names in sharding.spec:
+        out.update((names,) if isinstance(names, str) else tuple(names or ()))
+    return out
 
 
-def _lookup(table: dict, path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple:
-    for start in range(len(path)):
-        hit = table.get(path[start:])
-        if hit is not None and hit[0] == shape:
-            return hit[1]
-    return (None,) * len(shape)
+def _warn_if_less_sharded(param: NamedSharding, state: NamedSharding, name: str) -> None:
+    lost = sorted(_mesh_axes(param) - _mesh_axes(state))
+    if lost:
+        warnings.warn(
+            f"optimizer state of {name}: replicated over mesh axes {lost} that shard the "
+            f"parameter ({param.spec} -> {state.spec})",
+            stacklevel=4,
+        )
+
+
+def state_shardings(state: TrainState, mesh: Mesh, rules: Rules = RULES) -> TrainState:
+    """``state`` with every array replaced by its ``NamedSharding`` on ``mesh``.
+
+    The trainable params follow their logical axes, the optimizer state follows the
+    params (:func:`optimizer_shardings`), the step and dropout key are replicated.
+    ``state`` may be abstract (``jax.eval_shape`` of ``TrainState.create``).
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> state = TrainState.create(apply_fn=None, trainable={"w": jnp.ones((2, 2))},
+        ...                           tx=optax.adam(1e-3))
+        >>> tuple(state_shardings(state, make_mesh()).opt_state[0].nu["w"].spec)
+        (None, None)
+    """
+    trainable = tree_shardings(state.trainable, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = optimizer_shardings(state.tx, state.opt_state, state.trainable, trainable)
+    return state.replace(step=replicated, trainable=trainable, opt_state=opt_state, rng=replicated)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
@@ -199,6 +303,35 @@ def shard_batch(batch: Batch, mesh: Mesh, rules: Rules = RULES) -> Batch:
     return out
 
 
+def jit_train_step(
+    mesh: Mesh,
+    state: TrainState,
+    frozen: Tree,
+    rules: Rules = RULES,
+    accum: int | None = None,
+) -> tuple[Any, TrainState, Tree]:
+    """``(step, state shardings, frozen shardings)``: :func:`train_step` jitted for ``mesh``.
+
+    The step donates the state and keeps every array on its sharding, host-memory
+    optimizer state included. ``state`` and ``frozen`` may be abstract and ``mesh`` an
+    ``AbstractMesh`` (to compile for a device that is not here: lower the step inside
+    ``jax.set_mesh`` of a concrete mesh).
+
+    Example:
+        >>> # step, state_sh, frozen_sh = jit_train_step(make_mesh(), state, frozen)
+        >>> # compiled = step.lower(state, frozen, batch).compile()
+    """
+    state_sh = state_shardings(state, mesh, rules)
+    frozen_sh = tree_shardings(frozen, mesh, rules)
+    step = jax.jit(
+        functools.partial(train_step, accum=accum),
+        in_shardings=(state_sh, frozen_sh, batch_sharding(mesh, rules)),
+        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+    return step, state_sh, frozen_sh
+
+
 def sharded_train_step(
     mesh: Mesh,
     state: TrainState,
@@ -208,20 +341,12 @@ def sharded_train_step(
 ) -> tuple[Any, TrainState, Tree]:
     """``(step, state, frozen)``: a jitted, state-donating :func:`train_step` on ``mesh``.
 
-    ``state`` and ``frozen`` come back placed on their shardings; feed batches
-    through :func:`shard_batch`.
+    ``state`` and ``frozen`` come back placed on their shardings (see
+    :func:`jit_train_step`); feed batches through :func:`shard_batch`.
 
     Example:
         >>> # step, state, frozen = sharded_train_step(make_mesh("fsdp=-1"), state, frozen)
         >>> # state, metrics = step(state, frozen, shard_batch(batch, mesh))
     """
-    params = combine(state.trainable, frozen)
-    state_sh = tree_shardings(state, mesh, params, rules)
-    frozen_sh = tree_shardings(frozen, mesh, params, rules)
-    step = jax.jit(
-        functools.partial(train_step, accum=accum),
-        in_shardings=(state_sh, frozen_sh, batch_sharding(mesh, rules)),
-        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-    )
+    step, state_sh, frozen_sh = jit_train_step(mesh, state, frozen, rules, accum)
     return step, jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft.models.pytree import Tree
+from jpeft.optim.paged import conditional_update
 from jpeft.partition import combine
 from jpeft.train.loss import chunked_token_loss, token_loss
 from jpeft.train.state import TrainState
@@ -167,15 +168,18 @@ def train_step(
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = total / denom
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # keeps the old optimizer state unless finite (in device memory, for host-memory state)
+    updates, opt_state = conditional_update(
+        state.tx, finite, grads, state.opt_state, state.trainable
+    )
     trainable = optax.apply_updates(state.trainable, updates)
 
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=jnp.where(finite, state.step + 1, state.step),
         trainable=keep(trainable, state.trainable),
-        opt_state=keep(opt_state, state.opt_state),
+        opt_state=opt_state,
     )
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count.astype(jnp.int32)}
     if state.lr_schedule is not None:

@@ -14,13 +14,20 @@ from jpeft.optim.groups import (
     scale_schedule,
     with_clipping,
 )
-from jpeft.optim.paged import host_offload_supported, paged, to_device, to_host
+from jpeft.optim.paged import (
+    conditional_update,
+    host_offload_supported,
+    paged,
+    to_device,
+    to_host,
+)
 
 __all__ = [
     "QuantizedMoment",
     "ScaleByAdam8bitState",
     "adamw",
     "adamw_8bit",
+    "conditional_update",
     "decay_mask",
     "host_offload_supported",
     "lora_plus",

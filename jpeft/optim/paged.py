@@ -6,11 +6,15 @@ faithful analogue is state that is *stored* in pinned host memory (``memory_kind
 and brought to the accelerator only for the update: :func:`paged` wraps any optax
 transformation so that ``init`` returns host-resident state and ``update`` moves the state to
 device memory, runs the wrapped update and moves the new state back. Inside ``jax.jit`` these
-moves are device-to-host / host-to-device copies scheduled by XLA, so the state costs
-accelerator memory only while its update runs.
+moves are device-to-host / host-to-device copies scheduled by XLA.
 
-On a CPU backend host and device memory are the same memory, so offloading is off by default
-and :func:`paged` returns the wrapped transformation unchanged.
+:func:`conditional_update` (what :func:`jpeft.train.train_step` calls) streams such a state
+through the update one parameter at a time, so that only about one parameter's state is in
+device memory at once, and keeps the old state when a step is skipped, deciding in device
+memory (XLA cannot select between host-memory buffers on the device).
+
+CPU devices have a ``pinned_host`` memory too (the same RAM): offloading works there, so
+that the path a GPU or TPU takes is the one the tests run.
 """
 
 from __future__ import annotations
@@ -18,22 +22,25 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jpeft.optim.state_map import SHARED, param_groups
+
 HOST_MEMORY_KIND = "pinned_host"
+Tree = Any
 
 
 def host_offload_supported(device: jax.Device | None = None) -> bool:
-    """Whether ``device`` (default: the first device) is an accelerator with pinned host memory.
+    """Whether ``device`` (default: the first device) has a ``pinned_host`` memory space.
 
     Example:
-        >>> import jax
-        >>> host_offload_supported() == (jax.default_backend() != "cpu")  # on GPU or TPU
+        >>> host_offload_supported()  # CPU, GPU and TPU devices have one
         True
     """
     device = jax.devices()[0] if device is None else device
-    kinds = {memory.kind for memory in device.addressable_memories()}
-    return device.platform != "cpu" and HOST_MEMORY_KIND in kinds
+    return HOST_MEMORY_KIND in {memory.kind for memory in device.addressable_memories()}
 
 
 def to_host(tree: optax.OptState) -> optax.OptState:
@@ -58,6 +65,24 @@ def to_device(tree: optax.OptState) -> optax.OptState:
     return jax.device_put(tree, jax.memory.Space.Device)
 
 
+def state_memory_kinds(tx: optax.GradientTransformation, params: Tree) -> Tree:
+    """The memory kind of each leaf of ``tx.init(params)``: ``"pinned_host"`` or None (device).
+
+    Read from the traced ``init``, so ``params`` may be abstract (``jax.ShapeDtypeStruct``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> state_memory_kinds(paged(optax.sgd(0.1, momentum=0.9)), {"w": jnp.zeros(2)})
+        (TraceState(trace={'w': 'pinned_host'}), EmptyState())
+    """
+    closed, shape = jax.make_jaxpr(tx.init, return_shape=True)(params)
+    kinds = [
+        HOST_MEMORY_KIND if a.memory_space == jax.memory.Space.Host else None
+        for a in closed.out_avals
+    ]
+    return jax.tree.unflatten(jax.tree.structure(shape), kinds)
+
+
 def paged(
     tx: optax.GradientTransformation, offload: bool | None = None
 ) -> optax.GradientTransformation:
@@ -66,17 +91,19 @@ def paged(
     Args:
         tx: any optax transformation, e.g. :func:`jpeft.optim.adamw_8bit`.
         offload: ``None`` offloads when :func:`host_offload_supported`; ``True`` always
-            offloads (a CPU backend accepts this, the copies are then within host memory);
-            ``False`` returns ``tx`` unchanged.
+            offloads; ``False`` returns ``tx`` unchanged.
 
     Returns:
         A transformation with the same state structure and the same results as ``tx``.
+        Its own ``update`` moves the whole state at once; :func:`conditional_update` (the
+        train step's) streams it parameter by parameter.
 
     To donate the offloaded state, give ``jax.jit`` both ``in_shardings`` and
-    ``out_shardings`` (the state's are ``jax.tree.map(lambda x: x.sharding, state)``). Without
-    them jit cannot see memory kinds when it pairs donated inputs with outputs, may alias a
-    host buffer to a same-shaped device output, and the run aborts with "PjRtBuffer's memory
-    kind does not match sharding's memory kind" (seen with jax 0.10 on CPU).
+    ``out_shardings`` (the state's are ``jax.tree.map(lambda x: x.sharding, state)``;
+    :func:`jpeft.train.sharding.sharded_train_step` does). Without them jit cannot see memory
+    kinds when it pairs donated inputs with outputs, may alias a host buffer to a
+    same-shaped device output, and the run aborts with "PjRtBuffer's memory kind does not
+    match sharding's memory kind" (seen with jax 0.10 on CPU).
 
     Raises:
         ValueError: ``offload=True`` on a backend without a ``pinned_host`` memory space.
@@ -84,7 +111,7 @@ def paged(
     Example:
         >>> import jax, jax.numpy as jnp, optax
         >>> params = {"w": jnp.ones((4, 4))}
-        >>> tx = paged(optax.adamw(1e-3), offload=True)
+        >>> tx = paged(optax.adamw(1e-3))
         >>> state = tx.init(params)
         >>> state[0].mu["w"].sharding.memory_kind
         'pinned_host'
@@ -92,12 +119,13 @@ def paged(
         >>> state[0].nu["w"].sharding.memory_kind, updates["w"].sharding.memory_kind
         ('pinned_host', 'device')
     """
+    supported = host_offload_supported()
     if offload is None:
-        offload = host_offload_supported()
+        offload = supported
     if not offload:
         return tx
-    kinds = {memory.kind for memory in jax.devices()[0].addressable_memories()}
-    if HOST_MEMORY_KIND not in kinds:
+    if not supported:
+        kinds = {memory.kind for memory in jax.devices()[0].addressable_memories()}
         raise ValueError(
             f"offload: the {jax.default_backend()} backend has no {HOST_MEMORY_KIND!r} memory "
             f"(found {sorted(kinds)}); pass offload=None or False"
@@ -118,3 +146,72 @@ def paged(
         return updates, to_host(state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def conditional_update(
+    tx: optax.GradientTransformation,
+    apply: jax.Array,
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+) -> tuple[optax.Updates, optax.OptState]:
+    """``tx.update(updates, state, params)``, keeping the old state where ``apply`` is False.
+
+    ``apply`` is a bool scalar (e.g. "the loss and gradients are finite"); the updates are
+    returned as computed either way. Each new state leaf comes back in the memory ``tx``
+    keeps it in. When ``tx`` keeps state in host memory (:func:`paged`), the update runs once
+    per parameter that owns state (XLA keeps, of each run, only that parameter's part), and
+    each run fetches its parameter's state only after the previous one has been written
+    back, so that device memory holds about one parameter's state at a time. The choice
+    between old and new state is made in device memory, before the write-back.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tx = paged(optax.adam(0.1))
+        >>> params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+        >>> state = tx.init(params)
+        >>> _, kept = jax.jit(conditional_update, static_argnums=0)(
+        ...     tx, jnp.bool_(False), params, state, params)
+        >>> int(kept[0].count), kept[0].mu["b"].sharding.memory_kind
+        (0, 'pinned_host')
+    """
+    select = lambda new, old: jnp.where(apply, new, old)
+    leaves, treedef = jax.tree.flatten(state)
+    # where tx keeps each leaf (the state passed in may sit elsewhere, e.g. unplaced)
+    like = updates if params is None else params
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+    host = [
+        kind == HOST_MEMORY_KIND for kind in treedef.flatten_up_to(state_memory_kinds(tx, shapes))
+    ]
+    if not any(host):
+        new_updates, new_state = tx.update(updates, state, params)
+        return new_updates, jax.tree.map(select, new_state, state)
+    try:
+        groups = param_groups(tx, state, updates)
+    except (ValueError, TypeError):  # per-parameter entries of an unknown structure
+        groups = [0] * len(leaves)
+    update_leaves, update_def = jax.tree.flatten(updates)
+    out: list[Any] = list(leaves)
+    new_updates = list(update_leaves)
+    token: list[Any] = []
+    order = sorted(set(groups) - {SHARED}) + ([SHARED] if SHARED in groups else [])
+    for group in order:
+        mine = [i for i, g in enumerate(groups) if g == group]
+        fetched = [leaves[i] for i in mine]
+        if token:  # fetch this group only once the previous one is written back
+            fetched, _ = jax.lax.optimization_barrier((fetched, token))
+        device = [to_device(leaf) for leaf in leaves]
+        for i, leaf in zip(mine, fetched, strict=True):
+            device[i] = to_device(leaf)
+        step_updates, new_state = tx.update(updates, treedef.unflatten(device), params)
+        new_leaves = treedef.flatten_up_to(new_state)
+        for i in mine:
+            kept = select(to_device(new_leaves[i]), device[i])
+            out[i] = to_host(kept) if host[i] else kept
+        token = [out[i] for i in mine]
+        step_leaves = update_def.flatten_up_to(step_updates)
+        if group != SHARED:
+            new_updates[group] = step_leaves[group]
+    for index in set(range(len(update_leaves))) - set(groups):  # parameters without state
+        new_updates[index] = step_leaves[index]
+    return update_def.unflatten(new_updates), treedef.unflatten(out)
