@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jpeft.train import config, methods
-from jpeft.train.values import type_name
+from jpeft.train.values import list_item_type, type_name
 
 EVAL_OPTIONS = ("eval_data", "seq_len", "packing", "eval_batch_size", "eval_samples")
 EVAL_OPTIONS += ("max_new_tokens", "mesh", "truncate")
@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_processes(args)
         if getattr(args, "coordinator", None):
             from jpeft.train import distributed
 
@@ -59,6 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _check_processes(args: argparse.Namespace) -> None:
+    """Several processes need a coordinator (without one each would run alone as rank 0)."""
+    processes, index = getattr(args, "num_processes", 1), getattr(args, "process_id", 0)
+    if not getattr(args, "coordinator", None) and (processes != 1 or index != 0):
+        raise ValueError(
+            f"--num-processes {processes} --process-id {index} needs --coordinator HOST:PORT "
+            "(the address of process 0); without it every process would train alone"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +166,9 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
         for name, tp in methods.option_types(spec.name).items():
             flag = f"{spec.name}-{name}"
             help = "comma-separated names or re:<regex>" if name in spec.lists else ""
+            item = list_item_type(tp)
+            if item is not None and not help:
+                help = f"comma-separated {type_name(item)}s, e.g. 0,1 or [0,1]"
             _flag(group, flag, tp, defaults.get(name), help, f"method.{spec.name}.{name}")
 
 

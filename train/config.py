@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tomllib
 import typing
@@ -141,19 +142,50 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         if suffix == ".toml":
             with open(path, "rb") as f:
-                data = tomllib.load(f)
+                data = tomllib.load(f)  # refuses a repeated key itself
         elif suffix in (".yaml", ".yml", ".json"):
             with open(path, encoding="utf-8") as f:
-                data = json.load(f) if suffix == ".json" else yaml.safe_load(f)
+                if suffix == ".json":
+                    data = json.load(f, object_pairs_hook=_unique_keys)
+                else:
+                    data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader
         else:
             raise ValueError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, _DuplicateKey) as e:
         raise ValueError(f"{path}: cannot parse: {e}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of options, found {type(data).__name__}")
     return data
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key repeated in one mapping (it keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(
+                    f"line {key_node.start_mark.line + 1}: the key {key!r} is given twice"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply(config: RunConfig, values: Mapping[str, Any], source: str) -> RunConfig:
@@ -219,12 +251,28 @@ def check(config: RunConfig) -> None:
         low = 0 if name in non_negative else 1
         if value is not None and value < low:
             raise ValueError(f"{name} must be >= {low}, found {value}")
+    for name, low, allow_zero in _FLOAT_RANGES:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (value == low and not allow_zero):
+            relation = ">=" if allow_zero else ">"
+            raise ValueError(f"{name} must be finite and {relation} {low:g}, found {value}")
     if not 0.0 < config.eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), found {config.eval_fraction}")
     if config.batch_size % config.grad_accum:
         raise ValueError(
             f"batch_size {config.batch_size} is not a multiple of grad_accum {config.grad_accum}"
         )
+
+
+# (option, lower bound, bound allowed): checked before anything compiles.
+_FLOAT_RANGES = (
+    ("lr", 0.0, False),
+    ("weight_decay", 0.0, True),
+    ("max_grad_norm", 0.0, False),
+    ("lora_plus_ratio", 0.0, False),
+)
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
