@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", _train, "fine-tune a model", epilog=TRAIN_EPILOG, formatter_class=formatter
     )
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty --output-dir, deleting the run that is there",
+    )
     dist = train.add_argument_group("multi-process (multi-host) runs")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     dist.add_argument("--num-processes", type=int, default=1, help="processes in the run")
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="output directory")
     export.add_argument("--merged", action="store_true", help="fold into the base: an HF model")
     export.add_argument("--save-dtype", choices=config.DTYPES, help="dtype of merged weights")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     _run_options(export, [*MODEL_OPTIONS, "mesh"])
     return parser
 
@@ -217,7 +223,8 @@ def run_config(args: argparse.Namespace, saved: str | None = None) -> config.Run
 def _train(args: argparse.Namespace) -> int:
     from jpeft.train.loop import train
 
-    return train(run_config(args, args.resume), resume=args.resume).exit_code
+    run = run_config(args, args.resume)
+    return train(run, resume=args.resume, overwrite=args.overwrite).exit_code
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -250,9 +257,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from jpeft.train import commands
+    from jpeft.train import commands, prepare
 
     run = run_config(args, args.run)
+    model_dir = prepare.model_dir(run.model)
+    commands.check_out_dir(args.out, [model_dir, args.adapter, args.run], args.overwrite)
     model = commands.load_model(run, args.adapter, args.run, args.step)
     what = commands.export(model, args.out, merged=args.merged, dtype=args.save_dtype)
     print(f"wrote {what}: {args.out}")

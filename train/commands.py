@@ -165,6 +165,30 @@ def generate(
     return [tok.decode(tokens[i, : lengths[i]]).strip() for i in range(len(encoded))]
 
 
+def check_out_dir(out: str, reads: Sequence[str | None], overwrite: bool = False) -> None:
+    """Refuse an export into a file, into a directory it reads from, or (unless
+    ``overwrite``) into a non-empty directory; before anything is loaded.
+
+    Example:
+        >>> check_out_dir("assets", reads=["assets"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: --out 'assets' is the directory the export reads from ...
+    """
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is an existing file; give a directory to write into")
+    for source in filter(None, reads):
+        if os.path.realpath(source) == os.path.realpath(out):
+            raise ValueError(
+                f"--out {out!r} is the directory the export reads from ({source}); "
+                "write it to another directory"
+            )
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(
+            f"--out {out!r} is not empty; choose another directory, or give --overwrite to "
+            "write into it"
+        )
+
+
 def export(model: Model, out: str, merged: bool = False, dtype: str | None = None) -> str:
     """Write a peft adapter directory, or (``merged``) an HF model directory with the
     method folded into the base weights. Returns what was written.

@@ -31,6 +31,7 @@ import yaml
 
 from jpeft import assets
 from jpeft.train import methods
+from jpeft.train.run_dir import write_yaml
 from jpeft.train.values import coerce
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -289,9 +290,8 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 
 def save(config: RunConfig, path: str | os.PathLike) -> None:
-    """Write the config as YAML (``jpeft train --config`` reads it back)."""
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    """Write the config as YAML, atomically (``jpeft train --config`` reads it back)."""
+    write_yaml(os.fspath(path), to_dict(config))
 
 
 def resolve_path(path: str) -> str:

@@ -20,11 +20,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import jpeft
-from jpeft.train import build, config
+from jpeft.train import build, config, run_dir
 from jpeft.train.checkpoint import Checkpointer
 from jpeft.train.config import RunConfig
 from jpeft.train.data import BatchIterator
-from jpeft.train.distributed import is_main, local_rows, sync, to_host
+from jpeft.train.distributed import local_rows, on_main, to_host
 from jpeft.train.evaluate import EvalResult, Evaluator
 from jpeft.train.interrupt import Interrupts
 from jpeft.train.metrics_log import MetricsLog, Progress, peak_memory_bytes, say
@@ -51,8 +51,11 @@ class Outcome:
         return EXIT_CODES[self.status]
 
 
-def train(run: RunConfig, resume: str | None = None) -> Outcome:
+def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) -> Outcome:
     """Fine-tune ``run.model`` with ``run.method``; ``resume`` is a run directory to continue.
+
+    A new run refuses a non-empty ``run.output_dir`` unless ``overwrite`` (see
+    :mod:`jpeft.train.run_dir`).
 
     Example:
         >>> outcome = train(RunConfig(steps=3))  # doctest: +SKIP
@@ -60,6 +63,8 @@ def train(run: RunConfig, resume: str | None = None) -> Outcome:
         ('done', 3)
     """
     started_at = time.perf_counter()
+    out = resume or run.output_dir or _default_dir(run.method)
+    run_dir.check(out, resume=bool(resume), overwrite=overwrite)
     path, cfg, tokenizer = load_config_and_tokenizer(run.model)
     method = build.method(run, tokenizer)
     dataset = load_data(run, tokenizer, cfg)
@@ -100,11 +105,11 @@ def train(run: RunConfig, resume: str | None = None) -> Outcome:
     sizes["trainable_params"] = build.count(state.trainable)
     del base, params
 
-    out = resume or run.output_dir or _default_dir(run.method)
-    if is_main():
-        os.makedirs(out, exist_ok=True)
-        config.save(run, os.path.join(out, "run.yaml"))
-    sync("run directory")
+    def start() -> None:
+        run_dir.start(out, resume=bool(resume))
+        config.save(run, os.path.join(out, run_dir.CONFIG))
+
+    on_main(start, "prepare the run directory")
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=run.keep_checkpoints)
     if resume:
         state, position = ckpt.restore(state)

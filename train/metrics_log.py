@@ -42,7 +42,10 @@ class MetricsLog:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.file = open(path, "a", encoding="utf-8") if is_main() else None  # noqa: SIM115
+        self.file = None
+        if is_main():  # appended to, never through a symbolic link
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            self.file = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         """Write ``record`` (non-finite floats become strings: JSON has no NaN)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -12,6 +11,7 @@ from jpeft.train.config import RunConfig
 from jpeft.train.distributed import is_main, sync
 from jpeft.train.evaluate import EvalResult
 from jpeft.train.metrics_log import say
+from jpeft.train.run_dir import SUMMARY, write_json
 
 SAMPLES_SHOWN = 3
 
@@ -53,9 +53,7 @@ def finish(
     }
     if is_main():
         jpeft.save_hf_adapter(adapter, method, params, cfg, base_model_name_or_path=model_path)
-        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        write_json(os.path.join(out, SUMMARY), summary)
     sync("adapter saved")
     say(f"adapter (peft format): {adapter}")
     say(f"checkpoints: {os.path.join(out, 'checkpoints')}   metrics: {out}/metrics.jsonl")
