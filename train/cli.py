@@ -9,7 +9,6 @@ every method option is a ``--<method>-<option>`` flag and a ``[<method>]`` key.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -37,8 +36,12 @@ config file (TOML, YAML or JSON): top-level options and one section per method, 
   targets = ["q_proj", "v_proj"]
 
 exit status: 0 done, 1 non-finite loss (last good checkpoint saved), 2 bad input,
-130 interrupted with Ctrl-C (checkpoint saved; continue with --resume).
+3 an output could not be written (e.g. the disk is full), 130 interrupted with Ctrl-C,
+143 terminated with SIGTERM (checkpoint saved in both cases; continue with --resume).
 """
+SKIP_CORRUPT = (
+    "if the newest checkpoint is corrupt, set it aside (<step>.corrupt) and use the newest good one"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 def _check_processes(args: argparse.Namespace) -> None:
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over in a non-empty --output-dir, deleting the run that is there",
     )
+    train.add_argument("--skip-corrupt-checkpoints", action="store_true", help=SKIP_CORRUPT)
     dist = train.add_argument_group("multi-process (multi-host) runs")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     dist.add_argument("--num-processes", type=int, default=1, help="processes in the run")
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--adapter", metavar="DIR", help="peft adapter directory")
     source.add_argument("--run", metavar="RUN_DIR", help="run directory: its newest checkpoint")
     source.add_argument("--step", type=int, help="with --run: this checkpoint step")
+    source.add_argument("--skip-corrupt-checkpoints", action="store_true", help=SKIP_CORRUPT)
 
     evaluate = command("eval", _eval, "held-out loss, perplexity and accuracy", parents=[trained])
     _run_options(evaluate, [*MODEL_OPTIONS, *EVAL_OPTIONS])
@@ -202,12 +210,7 @@ def run_config(args: argparse.Namespace, saved: str | None = None) -> config.Run
         >>> run_config(build_parser().parse_args(["train", "--steps", "7"])).steps
         7
     """
-    run = config.RunConfig()
-    if saved:
-        path = os.path.join(saved, "run.yaml")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{saved!r} is not a run directory (no run.yaml)")
-        run = config.apply(run, config.load_file(path), path)
+    run = config.saved(saved) if saved else config.RunConfig()
     if args.config:
         run = config.apply(run, config.load_file(args.config), args.config)
     flags: dict[str, Any] = {}
@@ -220,18 +223,31 @@ def run_config(args: argparse.Namespace, saved: str | None = None) -> config.Run
     return config.apply(run, flags, "command line")
 
 
+def _model(args: argparse.Namespace, run: config.RunConfig) -> Any:
+    from jpeft.train import commands
+
+    fall_back = args.skip_corrupt_checkpoints
+    return commands.load_model(run, args.adapter, args.run, args.step, fall_back=fall_back)
+
+
 def _train(args: argparse.Namespace) -> int:
     from jpeft.train.loop import train
 
     run = run_config(args, args.resume)
-    return train(run, resume=args.resume, overwrite=args.overwrite).exit_code
+    outcome = train(
+        run,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        fall_back=args.skip_corrupt_checkpoints,
+    )
+    return outcome.exit_code
 
 
 def _eval(args: argparse.Namespace) -> int:
     from jpeft.train import commands
 
     run = run_config(args, args.run)
-    commands.evaluate(run, commands.load_model(run, args.adapter, args.run, args.step))
+    commands.evaluate(run, _model(args, run))
     return 0
 
 
@@ -239,7 +255,7 @@ def _generate(args: argparse.Namespace) -> int:
     from jpeft.train import commands
 
     run = run_config(args, args.run)
-    model = commands.load_model(run, args.adapter, args.run, args.step)
+    model = _model(args, run)
     outputs = commands.generate(
         model,
         args.prompt,
@@ -262,7 +278,7 @@ def _export(args: argparse.Namespace) -> int:
     run = run_config(args, args.run)
     model_dir = prepare.model_dir(run.model)
     commands.check_out_dir(args.out, [model_dir, args.adapter, args.run], args.overwrite)
-    model = commands.load_model(run, args.adapter, args.run, args.step)
+    model = _model(args, run)
     what = commands.export(model, args.out, merged=args.merged, dtype=args.save_dtype)
     print(f"wrote {what}: {args.out}")
     return 0

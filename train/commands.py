@@ -51,9 +51,16 @@ class Model:
 
 
 def load_model(
-    run: RunConfig, adapter: str | None = None, run_dir: str | None = None, step: int | None = None
+    run: RunConfig,
+    adapter: str | None = None,
+    run_dir: str | None = None,
+    step: int | None = None,
+    *,
+    fall_back: bool = False,
 ) -> Model:
     """The base of ``run.model`` plus an adapter directory or a run's checkpoint.
+
+    ``fall_back``: a corrupt newest checkpoint is set aside and the newest good one used.
 
     Example:
         >>> model = load_model(RunConfig(), adapter="runs/lora-x/adapter")  # doctest: +SKIP
@@ -71,7 +78,7 @@ def load_model(
         params = build.init_params(run, method, base, cfg)
         _, state, frozen = build.train_state(run, params, cfg, make_mesh(run.mesh))
         with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
-            state, _ = ckpt.restore(state, step)
+            state, _ = ckpt.restore(state, step, fall_back=fall_back)
         say(f"loaded {run.method} from {run_dir}, step {int(state.step)}")
         params = jpeft.combine(state.trainable, frozen)
     else:

@@ -37,10 +37,13 @@ from jpeft.train.values import coerce
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _opt(default: Any, group: str, help: str, choices: tuple | None = None) -> Any:
-    return dataclasses.field(
-        default=default, metadata={"group": group, "help": help, "choices": choices}
-    )
+def _opt(
+    default: Any, group: str, help: str, choices: tuple | None = None, *, neutral: bool = False
+) -> Any:
+    """A RunConfig option; ``neutral``: changing it on ``--resume`` leaves the training
+    trajectory as it was (what is logged or kept, where it runs), so it is allowed."""
+    meta = {"group": group, "help": help, "choices": choices, "neutral": neutral}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +61,15 @@ class RunConfig:
     quantize: str | None = _opt(
         None, "model", "quantize the base linears while loading (nf4); qlora does it anyway"
     )
-    remat: str = _opt("none", "model", "rematerialize each layer", ("none", "full", "dots"))
+    remat: str = _opt(
+        "none", "model", "rematerialize each layer", ("none", "full", "dots"), neutral=True
+    )
     train_data: str = _opt("assets/data/train.jsonl", "data", "JSONL instructions or text")
     eval_data: str | None = _opt(
-        "assets/data/eval.jsonl", "data", "held-out JSONL ('none': split off the training data)"
+        "assets/data/eval.jsonl",
+        "data",
+        "held-out JSONL ('none': split off the training data)",
+        neutral=True,
     )
     eval_fraction: float = _opt(0.1, "data", "held-out fraction when --eval-data is none")
     seq_len: int = _opt(64, "data", "tokens per row (at most the model's context)")
@@ -88,17 +96,27 @@ class RunConfig:
     max_grad_norm: float | None = _opt(1.0, "optimization", "clip the global gradient norm")
     lora_plus_ratio: float | None = _opt(None, "optimization", "LoRA+: lr multiplier of B")
     seed: int = _opt(0, "optimization", "seed of initialization, data order and dropout")
-    eval_every: int = _opt(100, "evaluation", "evaluate every N steps (0: only before/after)")
-    eval_samples: int = _opt(200, "evaluation", "examples generated for accuracy (0: none)")
-    eval_batch_size: int = _opt(32, "evaluation", "rows per evaluation batch")
-    max_new_tokens: int | None = _opt(
-        None, "evaluation", "generation length for accuracy (default: longest answer)"
+    eval_every: int = _opt(
+        100, "evaluation", "evaluate every N steps (0: only before/after)", neutral=True
     )
-    log_every: int = _opt(10, "output", "write training metrics every N steps")
-    save_every: int = _opt(100, "output", "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _opt(3, "output", "checkpoints to keep")
-    output_dir: str | None = _opt(None, "output", "run directory (default: runs/<method>-<time>)")
-    mesh: str = _opt("data=-1", "distributed", "device mesh, e.g. data=2,fsdp=2,tensor=2")
+    eval_samples: int = _opt(
+        200, "evaluation", "examples generated for accuracy (0: none)", neutral=True
+    )
+    eval_batch_size: int = _opt(32, "evaluation", "rows per evaluation batch", neutral=True)
+    max_new_tokens: int | None = _opt(
+        None, "evaluation", "generation length for accuracy (default: longest answer)", neutral=True
+    )
+    log_every: int = _opt(10, "output", "write training metrics every N steps", neutral=True)
+    save_every: int = _opt(
+        100, "output", "checkpoint every N steps (0: only at the end)", neutral=True
+    )
+    keep_checkpoints: int = _opt(3, "output", "checkpoints to keep", neutral=True)
+    output_dir: str | None = _opt(
+        None, "output", "run directory (default: runs/<method>-<time>)", neutral=True
+    )
+    mesh: str = _opt(
+        "data=-1", "distributed", "device mesh, e.g. data=2,fsdp=2,tensor=2", neutral=True
+    )
     method_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(
         default_factory=dict, metadata={"group": None}
     )
@@ -187,6 +205,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def saved(run_dir: str | os.PathLike) -> RunConfig:
+    """The options a run directory was started with (its ``run.yaml``).
+
+    Example:
+        >>> saved("no/such/run")
+        Traceback (most recent call last):
+        FileNotFoundError: 'no/such/run' is not a run directory (no run.yaml)
+    """
+    path = os.path.join(run_dir, "run.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(run_dir)!r} is not a run directory (no run.yaml)")
+    return apply(RunConfig(), load_file(path), path)
 
 
 def apply(config: RunConfig, values: Mapping[str, Any], source: str) -> RunConfig:
