@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -238,18 +239,23 @@ class Checkpointer:
         meta = {"format": FORMAT, "step": step, "layout": _layout(items), "rng_impl": impl}
         meta["checksums"], meta["data"] = _checksums(items), data
         args = ocp.args.Composite(arrays=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+        threads = set(threading.enumerate())
         try:
             with _quiet_orbax():
                 saved = bool(self._manager.save(step, args=args))
                 self._manager.wait_until_finished()
         except Exception as err:
-            self._failed_save(step, err)
+            self._failed_save(step, err, threads)
         return saved
 
-    def _failed_save(self, step: int, err: Exception) -> None:
+    def _failed_save(self, step: int, err: Exception, threads: set[threading.Thread]) -> None:
         with _quiet_orbax(), contextlib.suppress(Exception):
-            self._manager.wait_until_finished()
+            self._manager.close()
+            # the failed save's other writers still run on orbax's threads: let them end
+            for thread in set(threading.enumerate()) - threads:
+                thread.join(timeout=60)
         self.remove_partial()
+        self._open()
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         if is_disk_full(err):
             raise DiskFull(

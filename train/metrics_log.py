@@ -167,6 +167,12 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class Window:
     """Mean loss and throughput of the steps since the last metrics row.

@@ -48,7 +48,7 @@ class Steps:
         self.clock = time.perf_counter()
         bad: tuple[int, dict[str, Any]] | None = None
         stop = False
-        with Prefetcher(self.s.batches, self.s.place) as ahead:
+        with self.bar, Prefetcher(self.s.batches, self.s.place) as ahead:
             step = self.s.step
             while step < run.steps and not (bad or stop):
                 item = next(ahead)
@@ -59,7 +59,6 @@ class Steps:
                     bad = self._sync(pending)
                     stop = not bad and self._after_sync(pending[-1])
                     pending = []
-        self.bar.close()
         self.s.batches.load_state(self.last_position)  # the prefetcher ran ahead
         if bad:
             return self._diverged(*bad)
