@@ -116,15 +116,15 @@ def train_state(
     if jax.process_count() > 1:  # only host values may be placed on other processes' devices
         trainable, frozen = jax.device_get((trainable, frozen))
     model = llama.Llama(cfg, dtype=jnp.dtype(run.compute_dtype), remat=run.remat)
-    lr = schedule(run)
+    # the schedule's value is an optimizer hyperparameter the step metrics report
+    tx = optax.inject_hyperparams(lambda learning_rate: optimizer(run, learning_rate))
     state = TrainState.create(
         apply_fn=model.apply,
         trainable=trainable,
-        tx=optimizer(run, lr),
+        tx=tx(learning_rate=schedule(run)),
         # a raw uint32 key: typed key arrays cannot be placed on other processes' devices
         rng=np.asarray(jax.random.key_data(jax.random.key(run.seed))),
         grad_accum_steps=run.grad_accum,
-        lr_schedule=lr,
     )
     return sharded_train_step(mesh, state, frozen)
 
