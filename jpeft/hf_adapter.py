@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -16,6 +17,7 @@ from jpeft.models.safetensors_io import SafetensorsFile
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_NAME = "jpeft_base.json"  # the base's quantization; a side file, which peft ignores
 
 
 def save_hf_adapter(
@@ -45,6 +47,39 @@ def save_hf_adapter(
         save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_path(os.path.join(out_dir, CONFIG_NAME)) as tmp, open(tmp, "w") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True))
+    with atomic_path(os.path.join(out_dir, BASE_NAME)) as tmp, open(tmp, "w") as f:
+        f.write(json.dumps({"quantization": _quantization(params)}, indent=2))
+
+
+def _quantization(params: Params) -> dict[str, Any] | None:
+    """The 4-bit settings of the base's quantized kernels (QLoRA's NF4), or None."""
+    quantized = lambda x: hasattr(x, "quant_type") and hasattr(x, "blocksize")
+    for leaf in jax.tree.leaves(params, is_leaf=quantized):
+        if quantized(leaf):
+            double = getattr(leaf, "offset", None) is not None
+            return {
+                "quant_type": leaf.quant_type,
+                "blocksize": leaf.blocksize,
+                "double_quant": double,
+            }
+    return None
+
+
+def adapter_base_quantization(adapter_dir: str | os.PathLike) -> tuple[bool, dict[str, Any] | None]:
+    """``(recorded, quantization)``: what base an adapter saved by jpeft was trained on.
+
+    ``quantization`` is None for an unquantized base, else ``{"quant_type", "blocksize",
+    "double_quant"}``; ``recorded`` is False for adapters saved elsewhere (no side file).
+
+    Example:
+        >>> adapter_base_quantization("no/such/adapter")
+        (False, None)
+    """
+    path = os.path.join(adapter_dir, BASE_NAME)
+    if not os.path.isfile(path):
+        return False, None
+    with open(path) as f:
+        return True, json.load(f)["quantization"]
 
 
 def load_hf_adapter(

@@ -9,6 +9,7 @@ every method option is a ``--<method>-<option>`` flag and a ``[<method>]`` key.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -247,8 +248,26 @@ def _eval(args: argparse.Namespace) -> int:
     from jpeft.train import commands
 
     run = run_config(args, args.run)
+    if not args.run and not _sets_eval_data(args) and not _bundled(run.model):
+        raise ValueError(
+            f"jpeft eval --model {run.model} needs --eval-data FILE: the bundled held-out "
+            "set is the bundled model's task"
+        )
     commands.evaluate(run, _model(args, run))
     return 0
+
+
+def _sets_eval_data(args: argparse.Namespace) -> bool:
+    """Whether the command line or ``--config`` chose the held-out data."""
+    if "run.eval_data" in vars(args):
+        return True
+    keys = config.load_file(args.config) if args.config else {}
+    return any(str(key).replace("-", "_") == "eval_data" for key in keys)
+
+
+def _bundled(model: str) -> bool:
+    bundled = config.resolve_path(config.RunConfig().model)
+    return os.path.realpath(config.resolve_path(model)) == os.path.realpath(bundled)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ import numpy as np
 
 import jpeft
 import jpeft.adapters  # registers the adapter methods for load_hf_adapter
+from jpeft import quant
+from jpeft.hf_adapter import adapter_base_quantization
 from jpeft.models import generate as gen
 from jpeft.models import hf
 from jpeft.models.config import LlamaConfig
@@ -71,7 +73,11 @@ def load_model(
         raise FileNotFoundError(f"adapter directory not found: {adapter!r}")
     path, cfg, tokenizer = load_config_and_tokenizer(run.model)
     method = build.method(run, tokenizer) if run_dir else None
-    base = load_weights(path, run)
+    if adapter:
+        quantize = adapter_quantizer(run, adapter)
+        _, base = hf.load_pretrained(path, dtype=jnp.dtype(run.dtype), quantize=quantize)
+    else:
+        base = load_weights(path, run)
     if adapter:
         method, params = jpeft.load_hf_adapter(adapter, base, cfg)
     elif run_dir:
@@ -86,6 +92,37 @@ def load_model(
     mesh = make_mesh(run.mesh)
     params = jax.device_put(params, tree_shardings(params, mesh, params))
     return Model(path, cfg, tokenizer, method, params)
+
+
+def adapter_quantizer(run: RunConfig, adapter: str) -> str | hf.Quantizer | None:
+    """How to load the base of ``adapter``: quantized as it was in training, never silently
+    otherwise. An adapter saved by jpeft records its base's quantization
+    (``jpeft_base.json``); ``--quantize`` must agree with it, and without ``--quantize``
+    the recorded settings are used. An adapter from elsewhere records nothing.
+
+    Example:
+        >>> adapter_quantizer(RunConfig(quantize="nf4"), "no/record") # nothing recorded
+        'nf4'
+    """
+    recorded, quantization = adapter_base_quantization(adapter)
+    if not recorded:
+        return run.quantize
+    if quantization is None:
+        if run.quantize is not None:
+            raise ValueError(
+                f"{adapter} was trained on an unquantized base; drop --quantize "
+                f"{run.quantize} (it would evaluate the adapter on another base)"
+            )
+        return None
+    kind = quantization["quant_type"]
+    if run.quantize not in (None, kind):
+        raise ValueError(
+            f"{adapter} was trained on a {kind} base (recorded in {adapter}/jpeft_base.json); "
+            f"--quantize {run.quantize} would give another base: drop it or use {kind}"
+        )
+    say(f"{adapter} was trained on a {kind} base: quantizing the base as recorded")
+    blocksize, double = quantization["blocksize"], quantization["double_quant"]
+    return lambda kernel, module: quant.quantize(kernel, kind, blocksize, double)
 
 
 def evaluate(run: RunConfig, model: Model) -> EvalResult:
