@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -116,3 +117,8 @@ def bnb_4bit_model(
     return transformers.LlamaForCausalLM.from_pretrained(
         path, quantization_config=bnb, device_map="cpu", dtype=torch.float32
     ).eval()
+
+
+# The jpeft command's persistent compilation cache stays off in tests unless a test asks
+# (tests/test_compilation_cache.py): nothing is written under the user's ~/.cache.
+os.environ.setdefault("JPEFT_COMPILATION_CACHE", "none")

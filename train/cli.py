@@ -40,6 +40,7 @@ exit status: 0 done, 1 non-finite loss (last good checkpoint saved), 2 bad input
 3 an output could not be written (e.g. the disk is full), 130 interrupted with Ctrl-C,
 143 terminated with SIGTERM (checkpoint saved in both cases; continue with --resume).
 """
+CACHE_ENV = "JPEFT_COMPILATION_CACHE"
 SKIP_CORRUPT = (
     "if the newest checkpoint is corrupt, set it aside (<step>.corrupt) and use the newest good one"
 )
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _compilation_cache(args.compilation_cache)
         _check_processes(args)
         if getattr(args, "coordinator", None):
             from jpeft.train import distributed
@@ -67,6 +69,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 3
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/jpeft/xla`` (``~/.cache/jpeft/xla``): the compilation cache.
+
+    Example:
+        >>> default_cache_dir().endswith(os.path.join("jpeft", "xla"))
+        True
+    """
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "jpeft", "xla")
+
+
+def _compilation_cache(directory: str) -> None:
+    """Turn on JAX's persistent compilation cache in ``directory`` ('none': off)."""
+    import jax
+
+    if directory.lower() == "none":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # jpeft's programs are small on small models: cache them all, not only slow ones
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _check_processes(args: argparse.Namespace) -> None:
@@ -92,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON options file")
+    shared.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        default=os.environ.get(CACHE_ENV) or default_cache_dir(),
+        help=f"JAX's persistent compilation cache, so a second start skips most compiling "
+        f"(default: ${CACHE_ENV}, else {default_cache_dir()}); 'none' turns it off",
+    )
+    shared.add_argument(
+        "--no-compilation-cache",
+        dest="compilation_cache",
+        action="store_const",
+        const="none",
+        help="compile everything afresh (same as --compilation-cache none)",
+    )
 
     def command(
         name: str, handler: Any, help: str, parents: Sequence[Any] = (), **kwargs: Any
