@@ -116,22 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jpeft", description="Parameter-efficient fine-tuning of LLaMA models in JAX."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON options file")
-    shared.add_argument(
-        "--compilation-cache",
-        metavar="DIR",
-        default=os.environ.get(CACHE_ENV) or default_cache_dir(),
-        help=f"JAX's persistent compilation cache, so a second start skips most compiling "
-        f"(default: ${CACHE_ENV}, else {default_cache_dir()}); 'none' turns it off",
-    )
-    shared.add_argument(
-        "--no-compilation-cache",
-        dest="compilation_cache",
-        action="store_const",
-        const="none",
-        help="compile everything afresh (same as --compilation-cache none)",
-    )
+    shared = _shared_options()
 
     def command(
         name: str, handler: Any, help: str, parents: Sequence[Any] = (), **kwargs: Any
@@ -186,6 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     _run_options(export, [*MODEL_OPTIONS, "mesh"])
     return parser
+
+
+def _shared_options() -> argparse.ArgumentParser:
+    """Options of every command: the config file and the compilation cache."""
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON options file")
+    shared.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        default=os.environ.get(CACHE_ENV) or default_cache_dir(),
+        help=f"JAX's persistent compilation cache, so a second start skips most compiling "
+        f"(default: ${CACHE_ENV}, else {default_cache_dir()}); 'none' turns it off",
+    )
+    shared.add_argument(
+        "--no-compilation-cache",
+        dest="compilation_cache",
+        action="store_const",
+        const="none",
+        help="compile everything afresh (same as --compilation-cache none)",
+    )
+    return shared
 
 
 def _run_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
