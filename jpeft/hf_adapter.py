@@ -29,12 +29,19 @@ def save_hf_adapter(
 ) -> None:
     """Write ``method``'s trained nodes from ``params`` as a peft-loadable adapter directory.
 
+    ``base_model_name_or_path`` defaults to the directory ``cfg`` was read from
+    (``cfg.name_or_path``); a local directory is recorded as an absolute path, so
+    ``AutoPeftModelForCausalLM.from_pretrained(out_dir)`` finds the base from anywhere.
+
     Example:
         >>> jpeft.save_hf_adapter("out/adapter", method, params, cfg)   # doctest: +SKIP
         >>> # PeftModel.from_pretrained(hf_model, "out/adapter") now gives the same logits
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    base_model_name_or_path = base_model_name_or_path or cfg.name_or_path
+    if base_model_name_or_path is not None and os.path.isdir(base_model_name_or_path):
+        base_model_name_or_path = os.path.abspath(base_model_name_or_path)
     config = {
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,

@@ -113,6 +113,9 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
+    # The directory it was read from (absolute; set by from_json). Not part of config.json
+    # nor of equality; save_hf_adapter records it as the adapter's base_model_name_or_path.
+    name_or_path: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -156,7 +159,7 @@ class LlamaConfig:
             raw.setdefault("rope_theta", rope_params.get("rope_theta", 10000.0))
             if rope_params.get("rope_type", "default") != "default":
                 scaling = rope_params
-        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "name_or_path"}
         unknown = sorted(k for k in raw if k not in fields and k not in _IGNORED_KEYS)
         if unknown:
             raise ValueError(f"config.json: unsupported fields {unknown}")
@@ -168,21 +171,23 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LlamaConfig:
-        """Read ``config.json`` (a file, or a model directory containing one)."""
+        """Read ``config.json`` (a file, or a model directory containing one); ``name_or_path``
+        is the absolute directory."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
         with open(path) as f:
-            return cls.from_hf(json.load(f))
+            cfg = cls.from_hf(json.load(f))
+        return dataclasses.replace(cfg, name_or_path=os.path.dirname(os.path.abspath(path)))
 
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` dict transformers' ``LlamaConfig`` reads."""
         out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("rope_scaling", "eos_token_id")
+            if f.name not in ("rope_scaling", "eos_token_id", "name_or_path")
         }
         eos = self.eos_token_id
         out["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos

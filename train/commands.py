@@ -71,7 +71,7 @@ def load_model(
         raise ValueError("give --adapter or --run, not both")
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"adapter directory not found: {adapter!r}")
-    path, cfg, tokenizer = load_config_and_tokenizer(run.model)
+    path, cfg, tokenizer = load_config_and_tokenizer(run.model, run.tokenizer)
     method = build.method(run, tokenizer) if run_dir else None
     if adapter:
         quantize = adapter_quantizer(run, adapter)
@@ -247,7 +247,8 @@ def export(model: Model, out: str, merged: bool = False, dtype: str | None = Non
         if jax.process_count() > 1:
             params = to_host(params)
         if is_main():
-            hf.save_pretrained(out, model.cfg, params, dtype=dtype, tokenizer_dir=model.path)
+            tokenizer_dir = model.tokenizer.source or model.path
+            hf.save_pretrained(out, model.cfg, params, dtype=dtype, tokenizer_dir=tokenizer_dir)
         return "merged HF model"
     if model.method is None:
         raise ValueError("nothing to export as an adapter: give --adapter or --run")

@@ -224,7 +224,7 @@ class Session:
 
 def _set_up(run: RunConfig, out: str) -> Session:
     """Load and check the model, the data and the method; build the training state."""
-    path, cfg, tokenizer = load_config_and_tokenizer(run.model)
+    path, cfg, tokenizer = load_config_and_tokenizer(run.model, run.tokenizer)
     method = build.method(run, tokenizer)
     dataset = load_data(run, tokenizer, cfg)
     packed = packing(run)
