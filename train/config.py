@@ -30,9 +30,9 @@ from typing import Any
 import yaml
 
 from jpeft import assets
+from jpeft.models.atomic import write_text
 from jpeft.train import methods
 from jpeft.train.data.formats import FORMATS
-from jpeft.train.run_dir import write_yaml
 from jpeft.train.values import coerce
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -336,7 +336,7 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 def save(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the config as YAML, atomically (``jpeft train --config`` reads it back)."""
-    write_yaml(os.fspath(path), to_dict(config))
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def resolve_path(path: str) -> str:

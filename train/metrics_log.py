@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jpeft.models.atomic import atomic_path
+from jpeft.models.atomic import write_text
 from jpeft.train.distributed import is_main
 
 
@@ -134,8 +134,7 @@ def rewind(path: str | os.PathLike, step: int, redo_eval: bool) -> int:
         evaluation = any(k.startswith("eval_") for k in row)
         if row["step"] < step or (row["step"] == step and not (evaluation and redo_eval)):
             kept.append(line)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in kept)
+    write_text(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 

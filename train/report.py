@@ -6,13 +6,14 @@ import os
 from typing import Any
 
 import jpeft
+from jpeft.models.atomic import write_json
 from jpeft.models.config import LlamaConfig
 from jpeft.train.checkpoint import DiskFull, is_disk_full
 from jpeft.train.config import RunConfig
 from jpeft.train.distributed import on_main
 from jpeft.train.evaluate import EvalResult
 from jpeft.train.metrics_log import say
-from jpeft.train.run_dir import SUMMARY, write_json
+from jpeft.train.run_dir import SUMMARY
 
 SAMPLES_SHOWN = 3
 

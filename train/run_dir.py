@@ -11,14 +11,8 @@ since writing or deleting through it would touch files outside the run.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from typing import Any
-
-import yaml
-
-from jpeft.models.atomic import atomic_path
 
 CONFIG = "run.yaml"
 METRICS = "metrics.jsonl"
@@ -105,26 +99,3 @@ def check_no_links(out: str) -> None:
                 f"{path} is a symbolic link (to {os.readlink(path)!r}); jpeft does not write "
                 "or delete through links in a run directory: remove the link"
             )
-
-
-def write_yaml(path: str, data: Any) -> None:
-    """Write ``data`` as YAML through the atomic writer (a link at ``path`` is replaced).
-
-    Example:
-        >>> import tempfile
-        >>> write_yaml(os.path.join(tempfile.mkdtemp(), "run.yaml"), {"steps": 3})
-    """
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-
-
-def write_json(path: str, data: Any) -> None:
-    """Write ``data`` as indented JSON through the atomic writer.
-
-    Example:
-        >>> import tempfile
-        >>> write_json(os.path.join(tempfile.mkdtemp(), "summary.json"), {"steps": 3})
-    """
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
