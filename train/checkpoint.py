@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -254,7 +255,14 @@ class Checkpointer:
             # the failed save's other writers still run on orbax's threads: let them end
             for thread in set(threading.enumerate()) - threads:
                 thread.join(timeout=60)
-        self.remove_partial()
+            # tensorstore's own (C++) writers may still finish a chunk: remove the partial
+            # directory until it has stayed away for half a second (10 s at most)
+            quiet = 0
+            for _ in range(100):
+                quiet = 0 if self.remove_partial() else quiet + 1
+                if quiet == 5:
+                    break
+                time.sleep(0.1)
         self._open()
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         if is_disk_full(err):
