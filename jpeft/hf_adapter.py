@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import jax
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -11,7 +13,10 @@ from jpeft.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
 from jpeft.method import Method, method_for
 from jpeft.models.atomic import atomic_path, write_json
 from jpeft.models.config import LlamaConfig
+from jpeft.models.files import read_json
 from jpeft.models.pytree import Params
+
+BASE_NAME = "jpeft_base.json"  # the base's quantization; a side file, which peft ignores
 
 
 def save_hf_adapter(
@@ -48,6 +53,37 @@ def save_hf_adapter(
     with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     write_json(os.path.join(out_dir, CONFIG_NAME), config)
+    write_json(os.path.join(out_dir, BASE_NAME), {"quantization": _quantization(params)})
+
+
+def _quantization(params: Params) -> dict[str, Any] | None:
+    """The 4-bit settings of the base's quantized kernels (QLoRA's NF4), or None."""
+    quantized = lambda x: hasattr(x, "quant_type") and hasattr(x, "blocksize")
+    for leaf in jax.tree.leaves(params, is_leaf=quantized):
+        if quantized(leaf):
+            double = getattr(leaf, "offset", None) is not None
+            return {
+                "quant_type": leaf.quant_type,
+                "blocksize": leaf.blocksize,
+                "double_quant": double,
+            }
+    return None
+
+
+def adapter_base_quantization(adapter_dir: str | os.PathLike) -> tuple[bool, dict[str, Any] | None]:
+    """``(recorded, quantization)``: what base an adapter saved by jpeft was trained on.
+
+    ``quantization`` is None for an unquantized base, else ``{"quant_type", "blocksize",
+    "double_quant"}``; ``recorded`` is False for adapters saved elsewhere (no side file).
+
+    Example:
+        >>> adapter_base_quantization("no/such/adapter")
+        (False, None)
+    """
+    path = os.path.join(adapter_dir, BASE_NAME)
+    if not os.path.isfile(path):
+        return False, None
+    return True, read_json(path)["quantization"]
 
 
 def load_hf_adapter(

@@ -139,3 +139,8 @@ def run_on_cpu_devices(script: str, devices: int = 8) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
+
+
+# The jpeft command's persistent compilation cache stays off in tests unless a test asks
+# (tests/test_compilation_cache.py): nothing is written under the user's ~/.cache.
+os.environ.setdefault("JPEFT_COMPILATION_CACHE", "none")

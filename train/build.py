@@ -131,20 +131,21 @@ def create_state(run: RunConfig, trainable: Params, cfg: LlamaConfig) -> TrainSt
         ...     jax.random.key(0), llama.init_params(jax.random.key(1), cfg), cfg))
         >>> state = jax.eval_shape(lambda t: create_state(RunConfig(), t, cfg),
         ...                        jpeft.split(params)[0])
-        >>> state.opt_state[1][0].mu["layers"]["self_attn"]["q_proj"]["kernel"].adapters[0].a.shape
+        >>> moments = state.opt_state.inner_state[1][0].mu
+        >>> moments["layers"]["self_attn"]["q_proj"]["kernel"].adapters[0].a.shape
         (2, 16, 2)
     """
-    lr = schedule(run)
     with jax.ensure_compile_time_eval():  # a constant, under eval_shape too
         # a raw uint32 key: typed key arrays cannot be placed on other processes' devices
         rng = np.asarray(jax.random.key_data(jax.random.key(run.seed)))
+    # the schedule's value is an optimizer hyperparameter the step metrics report
+    tx = optax.inject_hyperparams(lambda learning_rate: optimizer(run, learning_rate))
     return TrainState.create(
         apply_fn=model(run, cfg).apply,
         trainable=trainable,
-        tx=optimizer(run, lr),
+        tx=tx(learning_rate=schedule(run)),
         rng=rng,
         grad_accum_steps=run.grad_accum,
-        lr_schedule=lr,
     )
 
 

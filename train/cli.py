@@ -16,7 +16,7 @@ from typing import Any
 
 from jpeft.train import config, methods
 from jpeft.train.data import formats as data_formats
-from jpeft.train.values import type_name
+from jpeft.train.values import list_item_type, type_name
 
 EVAL_OPTIONS = ("eval_data", "seq_len", "packing", "eval_batch_size", "eval_samples")
 EVAL_OPTIONS += ("max_new_tokens", "mesh", "truncate", "data_format")
@@ -38,8 +38,13 @@ config file (TOML, YAML or JSON): top-level options and one section per method, 
   targets = ["q_proj", "v_proj"]
 
 exit status: 0 done, 1 non-finite loss (last good checkpoint saved), 2 bad input,
-130 interrupted with Ctrl-C (checkpoint saved; continue with --resume).
+3 an output could not be written (e.g. the disk is full), 130 interrupted with Ctrl-C,
+143 terminated with SIGTERM (checkpoint saved in both cases; continue with --resume).
 """
+CACHE_ENV = "JPEFT_COMPILATION_CACHE"
+SKIP_CORRUPT = (
+    "if the newest checkpoint is corrupt, set it aside (<step>.corrupt) and use the newest good one"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _compilation_cache(args.compilation_cache)
+        _check_processes(args)
         if getattr(args, "coordinator", None):
             from jpeft.train import distributed
 
@@ -60,6 +67,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
+        return 3
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/jpeft/xla`` (``~/.cache/jpeft/xla``): the compilation cache.
+
+    Example:
+        >>> default_cache_dir().endswith(os.path.join("jpeft", "xla"))
+        True
+    """
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "jpeft", "xla")
+
+
+def _compilation_cache(directory: str) -> None:
+    """Turn on JAX's persistent compilation cache in ``directory`` ('none': off)."""
+    import jax
+
+    if directory.lower() == "none":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # jpeft's programs are small on small models: cache them all, not only slow ones
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _check_processes(args: argparse.Namespace) -> None:
+    """Several processes need a coordinator (without one each would run alone as rank 0)."""
+    processes, index = getattr(args, "num_processes", 1), getattr(args, "process_id", 0)
+    if not getattr(args, "coordinator", None) and (processes != 1 or index != 0):
+        raise ValueError(
+            f"--num-processes {processes} --process-id {index} needs --coordinator HOST:PORT "
+            "(the address of process 0); without it every process would train alone"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jpeft", description="Parameter-efficient fine-tuning of LLaMA models in JAX."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON options file")
+    shared = _shared_options()
 
     def command(
         name: str, handler: Any, help: str, parents: Sequence[Any] = (), **kwargs: Any
@@ -88,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = f"{TRAIN_EPILOG}\n{data_formats.HELP}"
     train = command("train", _train, "fine-tune a model", epilog=epilog, formatter_class=formatter)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty --output-dir, deleting the run that is there",
+    )
+    train.add_argument("--skip-corrupt-checkpoints", action="store_true", help=SKIP_CORRUPT)
     dist = train.add_argument_group("multi-process (multi-host) runs")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     dist.add_argument("--num-processes", type=int, default=1, help="processes in the run")
@@ -100,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--adapter", metavar="DIR", help="peft adapter directory")
     source.add_argument("--run", metavar="RUN_DIR", help="run directory: its newest checkpoint")
     source.add_argument("--step", type=int, help="with --run: this checkpoint step")
+    source.add_argument("--skip-corrupt-checkpoints", action="store_true", help=SKIP_CORRUPT)
 
     evaluate = command("eval", _eval, "held-out loss, perplexity and accuracy", parents=[trained])
     _run_options(evaluate, [*MODEL_OPTIONS, *EVAL_OPTIONS])
@@ -118,8 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="output directory")
     export.add_argument("--merged", action="store_true", help="fold into the base: an HF model")
     export.add_argument("--save-dtype", choices=config.DTYPES, help="dtype of merged weights")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     _run_options(export, [*MODEL_OPTIONS, "mesh"])
     return parser
+
+
+def _shared_options() -> argparse.ArgumentParser:
+    """Options of every command: the config file and the compilation cache."""
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON options file")
+    shared.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        default=os.environ.get(CACHE_ENV) or default_cache_dir(),
+        help=f"JAX's persistent compilation cache, so a second start skips most compiling "
+        f"(default: ${CACHE_ENV}, else {default_cache_dir()}); 'none' turns it off",
+    )
+    shared.add_argument(
+        "--no-compilation-cache",
+        dest="compilation_cache",
+        action="store_const",
+        const="none",
+        help="compile everything afresh (same as --compilation-cache none)",
+    )
+    return shared
 
 
 def _run_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -155,6 +227,9 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
         for name, tp in methods.option_types(spec.name).items():
             flag = f"{spec.name}-{name}"
             help = "comma-separated names or re:<regex>" if name in spec.lists else ""
+            item = list_item_type(tp)
+            if item is not None and not help:
+                help = f"comma-separated {type_name(item)}s, e.g. 0,1 or [0,1]"
             _flag(group, flag, tp, defaults.get(name), help, f"method.{spec.name}.{name}")
 
 
@@ -182,12 +257,7 @@ def run_config(args: argparse.Namespace, saved: str | None = None) -> config.Run
         >>> run_config(build_parser().parse_args(["train", "--steps", "7"])).steps
         7
     """
-    run = config.RunConfig()
-    if saved:
-        path = os.path.join(saved, "run.yaml")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{saved!r} is not a run directory (no run.yaml)")
-        run = config.apply(run, config.load_file(path), path)
+    run = config.saved(saved) if saved else config.RunConfig()
     if args.config:
         run = config.apply(run, config.load_file(args.config), args.config)
     flags: dict[str, Any] = {}
@@ -200,25 +270,57 @@ def run_config(args: argparse.Namespace, saved: str | None = None) -> config.Run
     return config.apply(run, flags, "command line")
 
 
+def _model(args: argparse.Namespace, run: config.RunConfig) -> Any:
+    from jpeft.train import commands
+
+    fall_back = args.skip_corrupt_checkpoints
+    return commands.load_model(run, args.adapter, args.run, args.step, fall_back=fall_back)
+
+
 def _train(args: argparse.Namespace) -> int:
     from jpeft.train.loop import train
 
-    return train(run_config(args, args.resume), resume=args.resume).exit_code
+    run = run_config(args, args.resume)
+    outcome = train(
+        run,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        fall_back=args.skip_corrupt_checkpoints,
+    )
+    return outcome.exit_code
 
 
 def _eval(args: argparse.Namespace) -> int:
     from jpeft.train import commands
 
     run = run_config(args, args.run)
-    commands.evaluate(run, commands.load_model(run, args.adapter, args.run, args.step))
+    if not args.run and not _sets_eval_data(args) and not _bundled(run.model):
+        raise ValueError(
+            f"jpeft eval --model {run.model} needs --eval-data FILE: the bundled held-out "
+            "set is the bundled model's task"
+        )
+    commands.evaluate(run, _model(args, run))
     return 0
+
+
+def _sets_eval_data(args: argparse.Namespace) -> bool:
+    """Whether the command line or ``--config`` chose the held-out data."""
+    if "run.eval_data" in vars(args):
+        return True
+    keys = config.load_file(args.config) if args.config else {}
+    return any(str(key).replace("-", "_") == "eval_data" for key in keys)
+
+
+def _bundled(model: str) -> bool:
+    bundled = config.resolve_path(config.RunConfig().model)
+    return os.path.realpath(config.resolve_path(model)) == os.path.realpath(bundled)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from jpeft.train import commands
 
     run = run_config(args, args.run)
-    model = commands.load_model(run, args.adapter, args.run, args.step)
+    model = _model(args, run)
     outputs = commands.generate(
         model,
         args.prompt,
@@ -236,10 +338,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from jpeft.train import commands
+    from jpeft.train import commands, prepare
 
     run = run_config(args, args.run)
-    model = commands.load_model(run, args.adapter, args.run, args.step)
+    model_dir = prepare.model_dir(run.model)
+    commands.check_out_dir(args.out, [model_dir, args.adapter, args.run], args.overwrite)
+    model = _model(args, run)
     what = commands.export(model, args.out, merged=args.merged, dtype=args.save_dtype)
     print(f"wrote {what}: {args.out}")
     return 0

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 import jpeft
 import jpeft.adapters  # registers the adapter methods for load_hf_adapter
+from jpeft import quant
+from jpeft.hf_adapter import adapter_base_quantization
 from jpeft.models import generate as gen
 from jpeft.models import hf
 from jpeft.models.config import LlamaConfig
@@ -48,9 +50,16 @@ class Model:
 
 
 def load_model(
-    run: RunConfig, adapter: str | None = None, run_dir: str | None = None, step: int | None = None
+    run: RunConfig,
+    adapter: str | None = None,
+    run_dir: str | None = None,
+    step: int | None = None,
+    *,
+    fall_back: bool = False,
 ) -> Model:
     """The base of ``run.model`` plus an adapter directory or a run's checkpoint.
+
+    ``fall_back``: a corrupt newest checkpoint is set aside and the newest good one used.
 
     Example:
         >>> model = load_model(RunConfig(), adapter="runs/lora-x/adapter")  # doctest: +SKIP
@@ -61,14 +70,18 @@ def load_model(
         raise FileNotFoundError(f"adapter directory not found: {adapter!r}")
     path, cfg, tokenizer = load_config_and_tokenizer(run.model, run.tokenizer)
     method = build.method(run, tokenizer) if run_dir else None
-    base = load_weights(path, run)
+    if adapter:
+        quantize = adapter_quantizer(run, adapter)
+        _, base = hf.load_pretrained(path, dtype=jnp.dtype(run.dtype), quantize=quantize)
+    else:
+        base = load_weights(path, run)
     if adapter:
         method, params = jpeft.load_hf_adapter(adapter, base, cfg)
     elif run_dir:
         params = build.init_params(run, method, base, cfg)
         _, state, frozen = build.train_state(run, params, cfg, make_mesh(run.mesh))
         with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
-            state, _ = ckpt.restore(state, step)
+            state, _ = ckpt.restore(state, step, fall_back=fall_back)
         say(f"loaded {run.method} from {run_dir}, step {int(state.step)}")
         params = jpeft.combine(state.trainable, frozen)
     else:
@@ -76,6 +89,37 @@ def load_model(
     mesh = make_mesh(run.mesh)
     params = jax.device_put(params, tree_shardings(params, mesh))
     return Model(path, cfg, tokenizer, method, params)
+
+
+def adapter_quantizer(run: RunConfig, adapter: str) -> str | hf.Quantizer | None:
+    """How to load the base of ``adapter``: quantized as it was in training, never silently
+    otherwise. An adapter saved by jpeft records its base's quantization
+    (``jpeft_base.json``); ``--quantize`` must agree with it, and without ``--quantize``
+    the recorded settings are used. An adapter from elsewhere records nothing.
+
+    Example:
+        >>> adapter_quantizer(RunConfig(quantize="nf4"), "no/record") # nothing recorded
+        'nf4'
+    """
+    recorded, quantization = adapter_base_quantization(adapter)
+    if not recorded:
+        return run.quantize
+    if quantization is None:
+        if run.quantize is not None:
+            raise ValueError(
+                f"{adapter} was trained on an unquantized base; drop --quantize "
+                f"{run.quantize} (it would evaluate the adapter on another base)"
+            )
+        return None
+    kind = quantization["quant_type"]
+    if run.quantize not in (None, kind):
+        raise ValueError(
+            f"{adapter} was trained on a {kind} base (recorded in {adapter}/jpeft_base.json); "
+            f"--quantize {run.quantize} would give another base: drop it or use {kind}"
+        )
+    say(f"{adapter} was trained on a {kind} base: quantizing the base as recorded")
+    blocksize, double = quantization["blocksize"], quantization["double_quant"]
+    return lambda kernel, module: quant.quantize(kernel, kind, blocksize, double)
 
 
 def evaluate(run: RunConfig, model: Model) -> EvalResult:
@@ -157,6 +201,30 @@ def generate(
     )
     tokens, lengths = to_host((result.tokens, result.lengths))
     return [tok.decode(tokens[i, : lengths[i]]).strip() for i in range(len(encoded))]
+
+
+def check_out_dir(out: str, reads: Sequence[str | None], overwrite: bool = False) -> None:
+    """Refuse an export into a file, into a directory it reads from, or (unless
+    ``overwrite``) into a non-empty directory; before anything is loaded.
+
+    Example:
+        >>> check_out_dir("assets", reads=["assets"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: --out 'assets' is the directory the export reads from ...
+    """
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is an existing file; give a directory to write into")
+    for source in filter(None, reads):
+        if os.path.realpath(source) == os.path.realpath(out):
+            raise ValueError(
+                f"--out {out!r} is the directory the export reads from ({source}); "
+                "write it to another directory"
+            )
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(
+            f"--out {out!r} is not empty; choose another directory, or give --overwrite to "
+            "write into it"
+        )
 
 
 def export(model: Model, out: str, merged: bool = False, dtype: str | None = None) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tomllib
 import typing
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from jpeft import assets
+from jpeft.models.atomic import write_text
 from jpeft.models.attention import IMPLEMENTATIONS
 from jpeft.models.llama import DEFAULT_REMAT, REMAT_POLICIES
 from jpeft.train import methods
@@ -39,10 +41,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", *FORMATS)
 
 
-def _opt(default: Any, group: str, help: str, choices: tuple | None = None) -> Any:
-    return dataclasses.field(
-        default=default, metadata={"group": group, "help": help, "choices": choices}
-    )
+def _opt(
+    default: Any, group: str, help: str, choices: tuple | None = None, *, neutral: bool = False
+) -> Any:
+    """A RunConfig option; ``neutral``: changing it on ``--resume`` leaves the training
+    trajectory as it was (what is logged or kept, where it runs), so it is allowed."""
+    meta = {"group": group, "help": help, "choices": choices, "neutral": neutral}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +73,7 @@ class RunConfig:
         "model",
         "what each layer saves for the backward pass (models/llama.py REMAT_POLICIES)",
         tuple(REMAT_POLICIES),
+        neutral=True,
     )
     attention_impl: str = _opt(
         "auto", "model", "attention kernel (auto: pallas on GPU/TPU, xla on CPU)", IMPLEMENTATIONS
@@ -76,7 +82,10 @@ class RunConfig:
         "assets/data/train.jsonl", "data", "JSONL, JSON or Parquet records, or a text file"
     )
     eval_data: str | None = _opt(
-        "assets/data/eval.jsonl", "data", "held-out data file ('none': split off the training data)"
+        "assets/data/eval.jsonl",
+        "data",
+        "held-out data file ('none': split off the training data)",
+        neutral=True,
     )
     data_format: str = _opt(
         "auto",
@@ -109,17 +118,27 @@ class RunConfig:
     max_grad_norm: float | None = _opt(1.0, "optimization", "clip the global gradient norm")
     lora_plus_ratio: float | None = _opt(None, "optimization", "LoRA+: lr multiplier of B")
     seed: int = _opt(0, "optimization", "seed of initialization, data order and dropout")
-    eval_every: int = _opt(100, "evaluation", "evaluate every N steps (0: only before/after)")
-    eval_samples: int = _opt(200, "evaluation", "examples generated for accuracy (0: none)")
-    eval_batch_size: int = _opt(32, "evaluation", "rows per evaluation batch")
-    max_new_tokens: int | None = _opt(
-        None, "evaluation", "generation length for accuracy (default: longest answer)"
+    eval_every: int = _opt(
+        100, "evaluation", "evaluate every N steps (0: only before/after)", neutral=True
     )
-    log_every: int = _opt(10, "output", "write training metrics every N steps")
-    save_every: int = _opt(100, "output", "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _opt(3, "output", "checkpoints to keep")
-    output_dir: str | None = _opt(None, "output", "run directory (default: runs/<method>-<time>)")
-    mesh: str = _opt("data=-1", "distributed", "device mesh, e.g. data=2,fsdp=2,tensor=2")
+    eval_samples: int = _opt(
+        200, "evaluation", "examples generated for accuracy (0: none)", neutral=True
+    )
+    eval_batch_size: int = _opt(32, "evaluation", "rows per evaluation batch", neutral=True)
+    max_new_tokens: int | None = _opt(
+        None, "evaluation", "generation length for accuracy (default: longest answer)", neutral=True
+    )
+    log_every: int = _opt(10, "output", "write training metrics every N steps", neutral=True)
+    save_every: int = _opt(
+        100, "output", "checkpoint every N steps (0: only at the end)", neutral=True
+    )
+    keep_checkpoints: int = _opt(3, "output", "checkpoints to keep", neutral=True)
+    output_dir: str | None = _opt(
+        None, "output", "run directory (default: runs/<method>-<time>)", neutral=True
+    )
+    mesh: str = _opt(
+        "data=-1", "distributed", "device mesh, e.g. data=2,fsdp=2,tensor=2", neutral=True
+    )
     method_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(
         default_factory=dict, metadata={"group": None}
     )
@@ -164,19 +183,64 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         if suffix == ".toml":
             with open(path, "rb") as f:
-                data = tomllib.load(f)
+                data = tomllib.load(f)  # refuses a repeated key itself
         elif suffix in (".yaml", ".yml", ".json"):
             with open(path, encoding="utf-8") as f:
-                data = json.load(f) if suffix == ".json" else yaml.safe_load(f)
+                if suffix == ".json":
+                    data = json.load(f, object_pairs_hook=_unique_keys)
+                else:
+                    data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader
         else:
             raise ValueError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, _DuplicateKey) as e:
         raise ValueError(f"{path}: cannot parse: {e}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of options, found {type(data).__name__}")
     return data
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key repeated in one mapping (it keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(
+                    f"line {key_node.start_mark.line + 1}: the key {key!r} is given twice"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def saved(run_dir: str | os.PathLike) -> RunConfig:
+    """The options a run directory was started with (its ``run.yaml``).
+
+    Example:
+        >>> saved("no/such/run")
+        Traceback (most recent call last):
+        FileNotFoundError: 'no/such/run' is not a run directory (no run.yaml)
+    """
+    path = os.path.join(run_dir, "run.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(run_dir)!r} is not a run directory (no run.yaml)")
+    return apply(RunConfig(), load_file(path), path)
 
 
 def apply(config: RunConfig, values: Mapping[str, Any], source: str) -> RunConfig:
@@ -242,12 +306,28 @@ def check(config: RunConfig) -> None:
         low = 0 if name in non_negative else 1
         if value is not None and value < low:
             raise ValueError(f"{name} must be >= {low}, found {value}")
+    for name, low, allow_zero in _FLOAT_RANGES:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (value == low and not allow_zero):
+            relation = ">=" if allow_zero else ">"
+            raise ValueError(f"{name} must be finite and {relation} {low:g}, found {value}")
     if not 0.0 < config.eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), found {config.eval_fraction}")
     if config.batch_size % config.grad_accum:
         raise ValueError(
             f"batch_size {config.batch_size} is not a multiple of grad_accum {config.grad_accum}"
         )
+
+
+# (option, lower bound, bound allowed): checked before anything compiles.
+_FLOAT_RANGES = (
+    ("lr", 0.0, False),
+    ("weight_decay", 0.0, True),
+    ("max_grad_norm", 0.0, False),
+    ("lora_plus_ratio", 0.0, False),
+)
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
@@ -264,9 +344,8 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 
 def save(config: RunConfig, path: str | os.PathLike) -> None:
-    """Write the config as YAML (``jpeft train --config`` reads it back)."""
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    """Write the config as YAML, atomically (``jpeft train --config`` reads it back)."""
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def resolve_path(path: str) -> str:

@@ -11,13 +11,16 @@ implementation), so two processes on one machine are a real multi-host test::
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from jpeft.models.pytree import Tree
+
+T = TypeVar("T")
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -96,3 +99,26 @@ def sync(name: str) -> None:
     """
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def on_main(action: Callable[[], T], what: str) -> T | None:
+    """Run ``action`` on the main process only (e.g. writing a file); every process raises
+    if it failed there, so none waits forever at the next barrier.
+
+    Example:
+        >>> on_main(lambda: 3, "count")
+        3
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = action()
+        except Exception as e:  # re-raised below, after the other processes know
+            error = e
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(np.array(error is not None))
+        if bool(failed) and error is None:
+            raise RuntimeError(f"process 0 failed to {what}; its output says why")
+    if error is not None:
+        raise error
+    return result

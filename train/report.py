@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jpeft
+from jpeft.models.atomic import write_json
 from jpeft.models.config import LlamaConfig
+from jpeft.train.checkpoint import DiskFull, is_disk_full
 from jpeft.train.config import RunConfig
-from jpeft.train.distributed import is_main, sync
+from jpeft.train.distributed import on_main
 from jpeft.train.evaluate import EvalResult
 from jpeft.train.metrics_log import say
+from jpeft.train.run_dir import SUMMARY
 
 SAMPLES_SHOWN = 3
 
@@ -51,12 +53,21 @@ def finish(
         "adapter": adapter,
         "wall_s": stats["wall_s"],
     }
-    if is_main():
-        jpeft.save_hf_adapter(adapter, method, params, cfg, base_model_name_or_path=model_path)
-        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-    sync("adapter saved")
+
+    def write() -> None:
+        try:
+            jpeft.save_hf_adapter(adapter, method, params, cfg, base_model_name_or_path=model_path)
+            write_json(os.path.join(out, SUMMARY), summary)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            raise DiskFull(
+                f"no space left on the device while writing {adapter} and {SUMMARY}; the "
+                f"trained state is in the last checkpoint: free space, then finish with "
+                f"jpeft train --resume {out}",
+            ) from err
+
+    on_main(write, "write the adapter")
     say(f"adapter (peft format): {adapter}")
     say(f"checkpoints: {os.path.join(out, 'checkpoints')}   metrics: {out}/metrics.jsonl")
     for prompt, output, expected in after.samples[:SAMPLES_SHOWN]:

@@ -31,7 +31,9 @@ class TrainState:
         apply_fn: ``model.apply`` of a :class:`jpeft.models.llama.Llama` (static).
         tx: the optax optimizer (static).
         grad_accum_steps: micro-batches per step (static; see :func:`jpeft.train.train_step`).
-        lr_schedule: optional ``step -> learning rate``, reported in the step metrics.
+
+    The learning rate lives in the optimizer: build ``tx`` with
+    ``optax.inject_hyperparams`` and the step metrics report the rate each update used.
 
     Example:
         >>> import optax
@@ -48,9 +50,6 @@ class TrainState:
     apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     grad_accum_steps: int = struct.field(pytree_node=False, default=1)
-    lr_schedule: Callable[[jax.Array], jax.Array] | None = struct.field(
-        pytree_node=False, default=None
-    )
 
     @classmethod
     def create(
@@ -61,7 +60,6 @@ class TrainState:
         tx: optax.GradientTransformation,
         rng: jax.Array | int = 0,
         grad_accum_steps: int = 1,
-        lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
     ) -> TrainState:
         """A fresh state at step 0 with ``tx.init(trainable)``.
 
@@ -88,5 +86,4 @@ class TrainState:
             apply_fn=apply_fn,
             tx=tx,
             grad_accum_steps=grad_accum_steps,
-            lr_schedule=lr_schedule,
         )

@@ -154,8 +154,8 @@ def train_step(
     is still the last good one) and ``metrics["loss"]`` shows the NaN/inf.
 
     Metrics: ``loss`` (fp32), ``grad_norm`` (global norm before any clipping),
-    ``tokens`` (int32 target count) and ``learning_rate`` when the state has a
-    schedule.
+    ``tokens`` (int32 target count) and ``learning_rate``, the rate this update used,
+    when ``state.tx`` is built with ``optax.inject_hyperparams``.
 
     Example:
         >>> # step = jax.jit(train_step, donate_argnums=0)
@@ -182,8 +182,11 @@ def train_step(
         opt_state=opt_state,
     )
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count.astype(jnp.int32)}
-    if state.lr_schedule is not None:
-        metrics["learning_rate"] = jnp.asarray(state.lr_schedule(state.step), jnp.float32)
+    learning_rate = optax.tree_utils.tree_get(  # the value, not its schedule's state
+        opt_state, "learning_rate", filtering=lambda _, value: hasattr(value, "dtype")
+    )
+    if learning_rate is not None:
+        metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     return new_state, metrics
 
 
