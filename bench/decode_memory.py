@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ctx = Context(dtype)
     mesh = target_mesh()
-    params = abstract(jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg, dtype)), mesh)
+    params = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg, dtype))
+    params = abstract(params, mesh)
     empty = jax.eval_shape(lambda: KVCache.create(cfg, args.batch, args.context, dtype))
     # A cache that already went through prefill: the decode loop's state.
     cache = abstract(dataclasses.replace(empty, started=True), mesh)
@@ -138,10 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         return jax.lax.fori_loop(0, args.loop_steps, body, (t, c))
 
     rows = {
-        "decode_step": measure(compile_on(mesh, step, params, cache, tokens, donate_argnums=(1,)), cache),
-        f"{args.loop_steps} greedy steps in a loop": measure(
-            compile_on(mesh, loop, params, cache, tokens, donate_argnums=(1,)), cache
-        ),
+        name: measure(compile_on(mesh, fn, params, cache, tokens, donate_argnums=(1,)), cache)
+        for name, fn in (("decode_step", step), (f"{args.loop_steps} greedy steps", loop))
     }
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize

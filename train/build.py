@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 import jpeft
-from jpeft.models import llama
+from jpeft.models import context, llama
 from jpeft.models.config import LlamaConfig
 from jpeft.models.tokenizer import Tokenizer
 from jpeft.optim import adamw_8bit, paged
@@ -115,7 +115,7 @@ def train_state(
         raise ValueError(f"--method {run.method} left nothing trainable")
     if jax.process_count() > 1:  # only host values may be placed on other processes' devices
         trainable, frozen = jax.device_get((trainable, frozen))
-    model = llama.Llama(cfg, dtype=jnp.dtype(run.compute_dtype), remat=run.remat)
+    model = llama.Llama(cfg, dtype=context.compute_dtype(run.compute_dtype), remat=run.remat)
     lr = schedule(run)
     state = TrainState.create(
         apply_fn=model.apply,

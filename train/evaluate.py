@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jpeft.models import generate, llama
+from jpeft.models import context, generate, llama
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.tokenizer import Tokenizer
@@ -88,7 +88,7 @@ class Evaluator:
         compute_dtype: Any = jnp.float32,
     ) -> None:
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
-        self.dtype = jnp.dtype(compute_dtype)
+        self.dtype = context.compute_dtype(compute_dtype)
         self.batch_size = batch_size
         self.loss_batches = []
         if examples:
