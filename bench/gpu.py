@@ -75,7 +75,7 @@ FULL = Sizes(
     rotate_bytes=256 * 2**20,
     repeats=5,
 )
-SMOKE = Sizes(64, 2, 4, 2, 128, 256, 2, 32, 8, 4, (2,), (128, 256), (1, 16), 0, 1)
+SMOKE = Sizes(64, 2, 4, 2, 128, 256, 2, 32, 8, 4, (1,), (128, 256), (1, 16), 0, 1)
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 """Dense bf16 peak FLOP/s by device name (datasheets); ``--peak-tflops`` overrides."""
 TARGETS = (
