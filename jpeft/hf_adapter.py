@@ -10,9 +10,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jpeft.method import Method, Params, method_for
-from jpeft.models.atomic import atomic_path
+from jpeft.models.atomic import atomic_path, write_json
 from jpeft.models.config import LlamaConfig
-from jpeft.models.safetensors_io import SafetensorsFile
+from jpeft.models.safetensors_io import read_weights
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -50,14 +50,16 @@ def save_hf_adapter(
     tensors = {k: np.ascontiguousarray(v) for k, v in method.peft_tensors(params, cfg).items()}
     with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_path(os.path.join(out_dir, CONFIG_NAME)) as tmp, open(tmp, "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True))
+    write_json(os.path.join(out_dir, CONFIG_NAME), config)
 
 
 def load_hf_adapter(
-    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig
+    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig, allow_nonfinite: bool = False
 ) -> tuple[Method, Params]:
     """Read a peft adapter directory and apply it over base ``params``.
+
+    Its tensors must be floating point and finite (NaN/Inf refused, naming the tensor,
+    unless ``allow_nonfinite``): see :func:`jpeft.models.safetensors_io.read_weights`.
 
     Example:
         >>> method, params = jpeft.load_hf_adapter("my-adapter", params, cfg)  # doctest: +SKIP
@@ -73,7 +75,5 @@ def load_hf_adapter(
     weights = os.path.join(adapter_dir, WEIGHTS_NAME)
     if not os.path.exists(weights):
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
-    with SafetensorsFile(weights) as f:  # reads bf16 too, and names a corrupt file
-        names = f.keys()  # a list; SafetensorsFile is not iterable
-        tensors = {key: f.read(key) for key in names}
+    tensors = read_weights(weights, allow_nonfinite)
     return method_for(config["peft_type"]).from_peft(config, tensors, params, cfg)

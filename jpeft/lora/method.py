@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
 
 from jpeft.hf_adapter import CONFIG_NAME, WEIGHTS_NAME
 from jpeft.lora import peft_io
@@ -23,6 +22,7 @@ from jpeft.method import Method, Params, register
 from jpeft.models.config import LlamaConfig
 from jpeft.models.hf_names import group_of
 from jpeft.models.linear import dense
+from jpeft.models.safetensors_io import read_weights
 
 INITS = ("default", "gaussian")
 
@@ -194,12 +194,17 @@ class LoRA(Method):
 
 
 def load_adapter(
-    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig, adapter_name: str
+    adapter_dir: str | os.PathLike,
+    params: Params,
+    cfg: LlamaConfig,
+    adapter_name: str,
+    allow_nonfinite: bool = False,
 ) -> tuple[LoRA, Params]:
     """Load a peft LoRA adapter directory as adapter ``adapter_name`` (added and made active).
 
     ``jpeft.load_hf_adapter`` always names the adapter ``"default"``; use this to hold
-    several adapters in one params tree.
+    several adapters in one params tree. Tensors holding NaN/Inf are refused unless
+    ``allow_nonfinite``.
 
     Example:
         >>> _, params = load_adapter("adapters/a", params, cfg, "a")      # doctest: +SKIP
@@ -210,5 +215,5 @@ def load_adapter(
         config = json.load(f)
     if config.get("peft_type") != LoRA.peft_type:
         raise ValueError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not 'LORA'")
-    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
+    tensors = read_weights(os.path.join(adapter_dir, WEIGHTS_NAME), allow_nonfinite)
     return LoRA.from_peft(config, tensors, params, cfg, adapter_name=adapter_name)
