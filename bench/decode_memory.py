@@ -19,7 +19,7 @@ and the command that produced it::
 
     JAX_PLATFORMS=cpu python bench/decode_memory.py                  # 7B, batch 8, 4k
     JAX_PLATFORMS=cpu python bench/decode_memory.py --layers 2 --hidden 256 --intermediate 512 \\
-        --heads 4 --kv-heads 4 --vocab 512 --batch 2 --context 64     # tiny (CI)
+        --heads 4 --kv-heads 4 --vocab 512 --batch 2 --seq 64         # tiny
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from common import config_from, model_parser
 from deviceless import abstract, compile_on, gpu_target_available, target_mesh
 
 from jpeft.models import generate as gen
 from jpeft.models import llama
 from jpeft.models.cache import KVCache
-from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s+([\w-]+)\(")
@@ -48,15 +48,11 @@ _NO_DATA = ("parameter", "get-tuple-element", "tuple", "bitcast", "while", "call
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--context", type=int, default=4096, help="cache slots")
+    """The model shape (default: LLaMA-2 7B), batch, cache slots (``--seq``) and dtype."""
+    parser = model_parser(__doc__.splitlines()[0], repeats=1)
+    parser.set_defaults(
+        hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, batch=8, seq=4096
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--loop-steps", type=int, default=4, help="decode steps in the loop row")
     return parser.parse_args(argv)
@@ -110,20 +106,12 @@ def measure(compiled: Any, cache: KVCache) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dtype = jnp.dtype(args.dtype)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.context,
-    )
+    cfg = config_from(args)
     ctx = Context(dtype)
     mesh = target_mesh()
     params = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg, dtype))
     params = abstract(params, mesh)
-    empty = jax.eval_shape(lambda: KVCache.create(cfg, args.batch, args.context, dtype))
+    empty = jax.eval_shape(lambda: KVCache.create(cfg, args.batch, args.seq, dtype))
     # A cache that already went through prefill: the decode loop's state.
     cache = abstract(dataclasses.replace(empty, started=True), mesh)
     tokens = abstract(jax.ShapeDtypeStruct((args.batch,), jnp.int32), mesh)
@@ -148,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"`{shlex.join(['python', *sys.argv])}`\n")
     print(
         f"{target}: {args.layers} layers, hidden {args.hidden}, batch {args.batch}, "
-        f"{args.context} cache slots, {args.dtype}; weights {_size(weights)}, "
+        f"{args.seq} cache slots, {args.dtype}; weights {_size(weights)}, "
         f"KV cache (k + v) {_size(cache_bytes)}\n"
     )
     columns = list(next(iter(rows.values())))

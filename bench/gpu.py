@@ -81,13 +81,17 @@ PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100",
 TARGETS = (
     ("NF4 kernel >= 2x bf16, M=1", "matmul/1/NF4, jpeft matmul", "matmul/1/bf16 matmul", 2.0),
     ("NF4 kernel >= 2x bf16, M=16", "matmul/16/NF4, jpeft matmul", "matmul/16/bf16 matmul", 2.0),
-    ("NF4 kernel time <= 1.05x bf16, M=4096", "matmul/4096/NF4, jpeft matmul",
-     "matmul/4096/bf16 matmul", 1 / 1.05),
+    (
+        "NF4 kernel time <= 1.05x bf16, M=4096",
+        "matmul/4096/NF4, jpeft matmul",
+        "matmul/4096/bf16 matmul",
+        1 / 1.05,
+    ),
     ("QLoRA step <= 1.1x LoRA step", "train/qlora/jpeft", "train/lora/jpeft", 1 / 1.1),
     ("QLoRA >= 3x peft + bitsandbytes", "train/qlora/jpeft", "train/qlora/peft", 3.0),
     ("LoRA >= 3x peft", "train/lora/jpeft", "train/lora/peft", 3.0),
     ("NF4 decode >= 2x transformers, batch 1", "decode/1/jpeft NF4", "decode/1/transformers", 2.0),
-)  # fmt: skip
+)
 """(target, row key, reference row key, least speed ratio); LoRA MFU >= 55% is read apart."""
 
 

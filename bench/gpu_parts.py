@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from common import config_from
+
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
 LR = 2e-4
 
@@ -43,17 +45,7 @@ class Sizes:
 
     def config(self) -> Any:
         """The :class:`jpeft.models.config.LlamaConfig` of this shape."""
-        from jpeft.models.config import LlamaConfig
-
-        return LlamaConfig(
-            vocab_size=self.vocab,
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            max_position_embeddings=max(self.seq, self.prompt + self.new_tokens),
-        )
+        return config_from(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,17 +195,23 @@ def decode_transformers(s: Sizes, path: str) -> list[Row]:
     return rows
 
 
+def _tokens_row(tokens: int, seconds: float, **fields: Any) -> Row:
+    """A row whose rate is ``tokens`` per call of ``seconds``."""
+    rate = tokens / seconds
+    return Row(seconds=seconds, speed=rate, throughput=f"{rate:,.0f} tokens/s", **fields)
+
+
 def _decode_row(s: Sizes, b: int, key: str, name: str, seconds: float) -> Row:
-    tokens = b * s.new_tokens / seconds
-    return Row(
+    case = f"batch {b}, prompt {s.prompt}, {s.new_tokens} new"
+    ref = f"decode/{b}/transformers"
+    return _tokens_row(
+        b * s.new_tokens,
+        seconds,
         key=f"decode/{b}/{key}",
-        ref=f"decode/{b}/transformers",
+        ref=ref,
         part="decode",
-        case=f"batch {b}, prompt {s.prompt}, {s.new_tokens} new",
+        case=case,
         impl=name,
-        seconds=seconds,
-        speed=tokens,
-        throughput=f"{tokens:,.0f} tokens/s",
     )
 
 
@@ -335,17 +333,17 @@ def train_peft(s: Sizes, path: str, method: str) -> list[Row]:
 def _train_row(
     s: Sizes, key: str, ref: str, name: str, seconds: float, peak: int | None, device: str
 ) -> Row:
-    tokens = s.batch * s.seq / seconds
-    return Row(
+    case = f"{'QLoRA' if 'qlora' in key else 'LoRA'}, B={s.batch} T={s.seq}"
+    tokens = s.batch * s.seq
+    return _tokens_row(
+        tokens,
+        seconds,
         key=key,
         ref=ref,
         part="train step",
-        case=f"{'QLoRA' if 'qlora' in key else 'LoRA'}, B={s.batch} T={s.seq}",
+        case=case,
         impl=name,
-        seconds=seconds,
-        speed=tokens,
-        throughput=f"{tokens:,.0f} tokens/s",
-        tokens_per_s=tokens,
+        tokens_per_s=tokens / seconds,
         peak_bytes=peak,
         device=device,
     )
