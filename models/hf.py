@@ -31,7 +31,8 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.hf_checkpoint import Checkpoint, hf_shape
 from jpeft.models.hf_names import tensor_slots
 from jpeft.models.hf_save import save_pretrained
-from jpeft.models.llama import Params, init_params
+from jpeft.models.llama import init_params
+from jpeft.models.pytree import Params
 from jpeft.models.safetensors_io import SafetensorsFile, check_finite
 
 __all__ = ["QUANTIZERS", "Quantizer", "load_pretrained", "register_quantizer", "save_pretrained"]

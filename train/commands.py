@@ -9,16 +9,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import jax
-import numpy as np
 
 import jpeft
 import jpeft.adapters  # registers the adapter methods for load_hf_adapter
 from jpeft.models import generate as gen
 from jpeft.models import hf
 from jpeft.models.config import LlamaConfig
+from jpeft.models.pytree import Params
 from jpeft.models.tokenizer import Tokenizer
 from jpeft.train import build, data
 from jpeft.train.checkpoint import Checkpointer
@@ -34,8 +33,6 @@ from jpeft.train.prepare import (
     packing,
 )
 from jpeft.train.sharding import make_mesh, tree_shardings
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +139,7 @@ def generate(
             f"model's context ({model.cfg.max_position_embeddings})"
         )
     pad = tok.pad_id if tok.pad_id is not None else 0
-    ids = np.full((len(encoded), width), pad, np.int32)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(encoded):
-        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    ids, mask = gen.left_pad(encoded, pad)
     result = gen.generate(
         model.params,
         model.cfg,

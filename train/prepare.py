@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft.models import hf
 from jpeft.models.config import LlamaConfig
+from jpeft.models.pytree import Params
 from jpeft.models.tokenizer import Tokenizer
 from jpeft.train import data, methods
 from jpeft.train.config import RunConfig, resolve_path
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +96,13 @@ def load_weights(path: str, run: RunConfig) -> Params:
 
 
 def _qlora_quantizer(run: RunConfig) -> hf.Quantizer:
-    from jpeft import quant
-
     qlora = methods.build(run.method, run.options(), None)
     if qlora.quant_type != run.quantize:
         raise ValueError(
             f"--quantize {run.quantize} conflicts with --qlora-quant-type {qlora.quant_type}; "
             "drop --quantize (qlora quantizes anyway) or make them agree"
         )
-    return lambda kernel, module: quant.quantize(
-        kernel, qlora.quant_type, qlora.blocksize, qlora.double_quant
-    )
+    return qlora.quantize
 
 
 def packing(run: RunConfig) -> bool:

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models.context import Context
-from jpeft.models.linear import dense, matmul
 from jpeft.nodes import Node, node
 from jpeft.quant.double import double_dequantize, double_quantize
 from jpeft.quant.fourbit import dequantize_kernel, quantize_kernel
@@ -46,6 +45,12 @@ class QuantizedWeight(Node):
     def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
         """The kernel ``[..., in, out]`` in ``dtype``."""
         return dequantize_kernel(self.packed, self.scales(), self.quant_type, self.blocksize, dtype)
+
+    def dense(self) -> jax.Array:
+        return self.dequantize(jnp.float32)
+
+    def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
+        return jnp.matmul(x.astype(ctx.dtype), self.dequantize(ctx.dtype))
 
     def logical_axes(self, base: tuple[str | None, ...] | None):
         if base is None or len(base) != self.packed.ndim:
@@ -82,13 +87,3 @@ def quantize(
 def dequantize(w: QuantizedWeight, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """The kernel a :class:`QuantizedWeight` stands for, in ``dtype``."""
     return w.dequantize(dtype)
-
-
-@dense.register(QuantizedWeight)
-def _dense(w: QuantizedWeight) -> jax.Array:
-    return w.dequantize(jnp.float32)
-
-
-@matmul.register(QuantizedWeight)
-def _matmul(w: QuantizedWeight, x: jax.Array, ctx: Context, name: str) -> jax.Array:
-    return jnp.matmul(x.astype(ctx.dtype), w.dequantize(ctx.dtype))
