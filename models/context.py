@@ -51,3 +51,18 @@ class Context:
         if self.rng is None:
             return None
         return jax.random.fold_in(self.rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def compute_dtype(dtype: str | jnp.dtype | None = None) -> jnp.dtype:
+    """``dtype`` as a ``jnp.dtype``; None or ``"auto"``: the backend's default compute dtype.
+
+    The default is bfloat16 on accelerators (GPU, TPU: their matmul units run 16-bit
+    inputs at full rate, and decoding reads half the bytes) and float32 on CPU.
+
+    Example:
+        >>> compute_dtype("bfloat16"), compute_dtype() == jnp.dtype(jnp.float32)
+        (dtype(bfloat16), True)
+    """
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)

@@ -7,17 +7,30 @@ token (its pad slots stay between the prompt and the new tokens, never
 attended). Soft prompts (``params["prompt"]``) are prepended by the prefill call
 and take cache slots; prefixes (``params["prefix"]``) take none.
 
-The whole loop is one compiled program per (batch, prompt length,
+The whole loop is one compiled program per (batch bucket, prompt-length bucket,
 ``max_new_tokens``) shape and sampling mode (greedy, or sampling with a given
 ``top_k`` and with/without top-p); temperature, top-p, stop and pad ids and the
-key are runtime values. It stops as soon as every row has produced a stop token.
+key are runtime values. Prompts are left-padded (masked) to the next bucket
+(:func:`bucket`: 16, 24, 32, 48, 64, ... tokens) and the batch to the next of
+1, 2, 3, 4, 6, 8, 12, ... rows, so prompts of many lengths share a few programs;
+padding never changes a row's tokens. It stops as soon as every row has produced a
+stop token.
+
+Decoding reads every weight once per token, so with one active adapter (no
+``adapter_ids``) each weight node that folds into a plain weight no larger than
+itself (LoRA and DoRA over a 16/32-bit base, fully trained tensors) is merged once
+at the start of the call (:func:`merge_for_decoding`); the params passed in stay
+unmerged. Mixed-adapter batches and 4-bit bases (whose merge would be a dense,
+larger weight) keep the unmerged matmul.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +39,13 @@ import numpy as np
 from jpeft.models import hooks, llama, sampling
 from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
-from jpeft.models.context import Context
+from jpeft.models.context import Context, compute_dtype
 from jpeft.models.pytree import Params
+from jpeft.nodes import is_node
+from jpeft.partition import nbytes
+
+PROMPT_BUCKET = 16
+"""The shortest prompt length :func:`generate` compiles for (shorter prompts are padded)."""
 
 
 @functools.partial(
@@ -82,6 +100,52 @@ def left_pad(
         ids[i, width - len(prompt) :] = prompt
         mask[i, width - len(prompt) :] = 1
     return ids, mask
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest size ``>= max(n, minimum)`` of the form ``2**k`` or ``3 * 2**k``.
+
+    Consecutive sizes grow by 4/3 or 3/2, so padding to a bucket costs at most 50%
+    (for ``n`` above ``minimum``) and ``n`` up to 4096 falls in 24 buckets.
+
+    Example:
+        >>> [bucket(n) for n in (1, 3, 5, 7, 9, 13, 17)], bucket(5, minimum=16)
+        ([1, 3, 6, 8, 12, 16, 24], 16)
+    """
+    size = max(int(n), int(minimum), 1)
+    power = 1 << (size - 1).bit_length()
+    return 3 * power // 4 if 3 * power // 4 >= size else power
+
+
+def merge_for_decoding(params: Params) -> Params:
+    """``params`` with each node that merges into a plain weight no larger than itself merged.
+
+    Decoding is bound by reading the weights, so a node is replaced by its
+    ``merged()`` form when that form is a plain array of at most the node's bytes:
+    LoRA/DoRA over a 16/32-bit base (the adapters fold into the base; inactive
+    adapters, used only through ``adapter_ids``, are dropped) and fully trained
+    tensors. Nodes that do not merge (soft prompts, prefixes, bottleneck adapters)
+    or whose merge would be larger (LoRA over an NF4 base: a dense weight instead of
+    4-bit codes) stay as they are. Pure; use it for single-adapter inference only.
+
+    Example:
+        >>> from jpeft.nodes import Trained
+        >>> merged = merge_for_decoding({"norm": Trained(jnp.ones(3))})
+        >>> type(merged["norm"]).__name__
+        'ArrayImpl'
+    """
+
+    def fold(x: Any) -> Any:
+        if not is_node(x):
+            return x
+        with warnings.catch_warnings():  # merging over a 4-bit base warns; it is not taken
+            warnings.simplefilter("ignore")
+            shape = jax.eval_shape(lambda n: n.merged(), x)
+        if isinstance(shape, jax.ShapeDtypeStruct) and nbytes(shape) <= nbytes(x):
+            return x.merged()
+        return x
+
+    return jax.tree.map(fold, params, is_leaf=is_node)
 
 
 def prefill(
@@ -140,8 +204,8 @@ def decode_step(
 def generate(
     params: Params,
     cfg: LlamaConfig,
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None = None,
+    input_ids: Any,
+    attention_mask: Any = None,
     *,
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -150,14 +214,15 @@ def generate(
     stop_tokens: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     rng: jax.Array | None = None,
-    adapter_ids: jax.Array | None = None,
-    task_ids: jax.Array | None = None,
-    dtype: jnp.dtype = jnp.float32,
+    adapter_ids: Any = None,
+    task_ids: Any = None,
+    dtype: jnp.dtype | str | None = None,
+    merge_adapters: bool = True,
 ) -> GenerationResult:
     """Continue each prompt row by up to ``max_new_tokens`` tokens.
 
     Args:
-        input_ids: int ``[B, T]`` prompts, left- or right-padded.
+        input_ids: int ``[B, T]`` prompts, left- or right-padded (NumPy or JAX).
         attention_mask: int ``[B, T]``, 0 marks padding (default: all valid).
         max_new_tokens: tokens to generate per row (the loop stops early once
             every row produced a stop token).
@@ -171,7 +236,14 @@ def generate(
         rng: ``jax.random`` key, required when ``temperature > 0``.
         adapter_ids, task_ids: int ``[B]`` per-row adapter / task (multi-adapter and
             multi-task methods), passed to every forward call through the Context.
-        dtype: compute and cache dtype.
+        dtype: compute and cache dtype; default (None or ``"auto"``): bfloat16 on
+            GPU/TPU, float32 on CPU (:func:`jpeft.models.context.compute_dtype`).
+        merge_adapters: without ``adapter_ids``, merge LoRA-like nodes into their
+            weights for this call (:func:`merge_for_decoding`; device memory then
+            holds a merged copy of each adapted weight besides the stored params).
+
+    Raises:
+        ValueError: a shape, a row without any valid token, or a setting out of range.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -181,58 +253,79 @@ def generate(
         >>> out.tokens.shape, out.lengths.shape
         ((2, 4), (2,))
     """
-    input_ids = jnp.asarray(input_ids)
+    input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape [B, T], found {input_ids.shape}")
     b, t = input_ids.shape
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, t), jnp.int32)
-    _check_inputs(input_ids, attention_mask, adapter_ids, task_ids)
+    mask = np.ones((b, t), np.int32) if attention_mask is None else np.asarray(attention_mask)
+    _check_inputs(input_ids, mask, adapter_ids, task_ids)
     _check_settings(max_new_tokens, temperature, top_p, top_k, rng)
     stops = cfg.eos_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id
     if pad_token_id is None:
         pad_token_id = stops[0] if stops else 0
-    return _generate(
+    rows, width = bucket(b), bucket(t, PROMPT_BUCKET)
+    padded_mask = _pad(mask, rows, width, 0)
+    padded_mask[b:, -1] = 1  # rows added to fill the bucket attend to one token; dropped below
+    result = _generate(
         params,
-        jnp.asarray(input_ids, jnp.int32),
-        jnp.asarray(attention_mask, jnp.int32),
-        jnp.asarray(stops, jnp.int32).reshape(-1),
-        jnp.asarray(pad_token_id, jnp.int32),
-        jnp.asarray(max(temperature, 0.0), jnp.float32),
-        jnp.asarray(top_p, jnp.float32),
+        _pad(input_ids, rows, width, pad_token_id),
+        padded_mask,
+        np.arange(rows) < b,
+        np.asarray(stops, np.int32).reshape(-1),
+        np.int32(pad_token_id),
+        np.float32(max(temperature, 0.0)),
+        np.float32(top_p),
         rng,
-        adapter_ids,
-        task_ids,
+        None if adapter_ids is None else _pad_rows(adapter_ids, rows, -1),
+        None if task_ids is None else _pad_rows(task_ids, rows, 0),
         cfg=cfg,
         max_new_tokens=int(max_new_tokens),
         is_greedy=temperature == 0.0,
         top_k=int(top_k),
         use_top_p=top_p < 1.0,
-        dtype=jnp.dtype(dtype),
+        dtype=compute_dtype(dtype),
+        merge=merge_adapters and adapter_ids is None,
     )
+    if rows == b:
+        return result
+    return GenerationResult(tokens=result.tokens[:b], lengths=result.lengths[:b])
 
 
-def _check_inputs(input_ids, attention_mask, adapter_ids, task_ids) -> None:
+def _pad(a: np.ndarray, rows: int, width: int, value: int) -> np.ndarray:
+    """``a [B, T]`` as int32 ``[rows, width]``: ``value`` in added columns (left) and rows."""
+    b, t = a.shape
+    out = np.full((rows, width), value, np.int32)
+    out[:b, width - t :] = a
+    return out
+
+
+def _pad_rows(ids: Any, rows: int, value: int) -> np.ndarray:
+    """Per-row ids ``[B]`` as int32 ``[rows]``, added rows set to ``value``."""
+    ids = np.asarray(ids, np.int32)
+    return np.concatenate([ids, np.full(rows - ids.shape[0], value, np.int32)])
+
+
+def _check_inputs(
+    input_ids: np.ndarray, attention_mask: np.ndarray, adapter_ids: Any, task_ids: Any
+) -> None:
     b, t = input_ids.shape
     if t == 0:
         raise ValueError("input_ids: the prompt length is 0; expected at least one token")
-    if jnp.shape(attention_mask) != (b, t):
+    if attention_mask.shape != (b, t):
         raise ValueError(
-            f"attention_mask: expected shape {(b, t)} like input_ids, found "
-            f"{jnp.shape(attention_mask)}"
+            f"attention_mask: expected shape {(b, t)} like input_ids, found {attention_mask.shape}"
         )
     for name, ids in (("adapter_ids", adapter_ids), ("task_ids", task_ids)):
-        if ids is not None and jnp.shape(ids) != (b,):
-            raise ValueError(f"{name}: expected shape {(b,)}, found {jnp.shape(ids)}")
-    if not isinstance(attention_mask, jax.core.Tracer):
-        empty = np.flatnonzero(np.asarray(attention_mask).sum(axis=1) == 0)
-        if empty.size:
-            raise ValueError(
-                f"attention_mask: rows {empty.tolist()} have no valid token; "
-                "expected at least one per row"
-            )
+        if ids is not None and np.shape(ids) != (b,):
+            raise ValueError(f"{name}: expected shape {(b,)}, found {np.shape(ids)}")
+    empty = np.flatnonzero(attention_mask.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(
+            f"attention_mask: rows {empty.tolist()} have no valid token; "
+            "expected at least one per row"
+        )
 
 
 def _check_settings(max_new_tokens, temperature, top_p, top_k, rng) -> None:
@@ -250,12 +343,21 @@ def _check_settings(max_new_tokens, temperature, top_p, top_k, rng) -> None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "is_greedy", "top_k", "use_top_p", "dtype"),
+    static_argnames=(
+        "cfg",
+        "max_new_tokens",
+        "is_greedy",
+        "top_k",
+        "use_top_p",
+        "dtype",
+        "merge",
+    ),
 )
 def _generate(
     params: Params,
     input_ids: jax.Array,
     attention_mask: jax.Array,
+    active: jax.Array,
     stops: jax.Array,
     pad: jax.Array,
     temperature: jax.Array,
@@ -270,8 +372,12 @@ def _generate(
     top_k: int,
     use_top_p: bool,
     dtype: jnp.dtype,
+    merge: bool,
 ) -> GenerationResult:
+    """The generation loop; ``active [B]`` is False for rows added to fill a batch bucket."""
     b, t = input_ids.shape
+    if merge:
+        params = merge_for_decoding(params)
     ctx = Context(dtype, adapter_ids=adapter_ids, task_ids=task_ids)
     slots = virtual_tokens(params, b, ctx) + t + max_new_tokens - 1
     cache = KVCache.create(cfg, b, slots, dtype)
@@ -290,7 +396,8 @@ def _generate(
     logits, cache = prefill(params, cfg, input_ids, attention_mask, cache, ctx)
     first = choose(logits, jnp.zeros((), jnp.int32))
     tokens = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
-    state = (jnp.ones((), jnp.int32), tokens, first, is_stop(first), jnp.ones((b,), jnp.int32))
+    done = is_stop(first) | ~active
+    state = (jnp.ones((), jnp.int32), tokens, first, done, active.astype(jnp.int32))
 
     def cond(carry):
         (step, _, _, done, _), _ = carry

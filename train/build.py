@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 import jpeft
-from jpeft.models import llama
+from jpeft.models import context, llama
 from jpeft.models.config import LlamaConfig
 from jpeft.models.pytree import Params
 from jpeft.models.tokenizer import Tokenizer
@@ -112,7 +112,7 @@ def model(run: RunConfig, cfg: LlamaConfig) -> llama.Llama:
     """
     return llama.Llama(
         cfg,
-        dtype=jnp.dtype(run.compute_dtype),
+        dtype=context.compute_dtype(run.compute_dtype),
         remat=run.remat,
         attention_impl=run.attention_impl,
     )

@@ -160,7 +160,7 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
-    compute_dtype: str = "float32",
+    compute_dtype: str = "auto",
 ) -> list[str]:
     """Continue each prompt; without ``raw`` prompts are rendered as in training.
 
@@ -197,7 +197,7 @@ def generate(
         stop_tokens=(tok.eos_id,) if tok.eos_id is not None else None,
         pad_token_id=pad,
         rng=jax.random.key(seed),
-        dtype=jnp.dtype(compute_dtype),
+        dtype=compute_dtype,
     )
     tokens, lengths = to_host((result.tokens, result.lengths))
     return [tok.decode(tokens[i, : lengths[i]]).strip() for i in range(len(encoded))]

@@ -64,7 +64,12 @@ class RunConfig:
         None, "model", "directory with tokenizer.json (default: the model directory)"
     )
     dtype: str = _opt("float32", "model", "dtype of the frozen base weights", DTYPES)
-    compute_dtype: str = _opt("float32", "model", "dtype of activations and matmuls", DTYPES)
+    compute_dtype: str = _opt(
+        "auto",
+        "model",
+        "dtype of activations and matmuls (auto: bfloat16 on GPU/TPU, float32 on CPU)",
+        ("auto", *DTYPES),
+    )
     quantize: str | None = _opt(
         None, "model", "quantize the base linears while loading (nf4); qlora does it anyway"
     )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jpeft.models import generate, llama
+from jpeft.models import context, generate, llama
 from jpeft.models.config import LlamaConfig
 from jpeft.models.pytree import Params
 from jpeft.models.tokenizer import Tokenizer
@@ -94,7 +94,7 @@ class Evaluator:
         row_ids: dict[str, int] | None = None,
     ) -> None:
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
-        self.dtype = jnp.dtype(compute_dtype)
+        self.dtype = context.compute_dtype(compute_dtype)
         self.batch_size = batch_size
         self.row_ids = _row_ids(row_ids or {}, batch_size)
         self.loss_batches = []

@@ -1,0 +1,150 @@
+"""Device memory and cache copies of one compiled decode step, for an H100 target.
+
+Compiles :func:`jpeft.models.generate.decode_step` (one token per row, the KV cache
+donated) and the whole ``generate`` program for an H100 without one
+(``bench/deviceless.py``; CPU fallback without the CUDA plugin), and reads from the
+compiled program:
+
+- ``memory_analysis()``: argument, output, aliased (donated and reused) and temporary
+  bytes. A decode step that updates the cache in place aliases the whole cache and
+  needs no cache-sized temporary.
+- the optimized HLO: every instruction outside fused computations whose result is a
+  cache-sized buffer (all layers, ``[L, B, S, K, D]``, or one layer, ``[B, S, K, D]``),
+  by opcode. ``copy`` (and loop fusions producing such a buffer) move the cache;
+  ``dynamic-update-slice`` writes into it.
+
+Per-step memory traffic is then the weights plus the cache read once (attention) plus
+twice the bytes of every cache-sized copy (read and write). Prints a markdown table
+and the command that produced it::
+
+    JAX_PLATFORMS=cpu python bench/decode_memory.py                  # 7B, batch 8, 4k
+    JAX_PLATFORMS=cpu python bench/decode_memory.py --layers 2 --hidden 256 --intermediate 512 \\
+        --heads 4 --kv-heads 4 --vocab 512 --batch 2 --seq 64         # tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import re
+import shlex
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from common import config_from, model_parser
+from deviceless import abstract, compile_on, gpu_target_available, target_mesh
+
+from jpeft.models import generate as gen
+from jpeft.models import llama
+from jpeft.models.cache import KVCache
+from jpeft.models.context import Context
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.*?)\s+([\w-]+)\(")
+_ARRAY = re.compile(r"\w+\[([\d,]*)\]")
+_NO_DATA = ("parameter", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The model shape (default: LLaMA-2 7B), batch, cache slots (``--seq``) and dtype."""
+    parser = model_parser(__doc__.splitlines()[0], repeats=1)
+    parser.set_defaults(
+        hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, batch=8, seq=4096
+    )
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--loop-steps", type=int, default=4, help="decode steps in the loop row")
+    return parser.parse_args(argv)
+
+
+def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
+    """Opcodes of unfused HLO instructions that write a cache-sized buffer, with counts.
+
+    Instructions that only name a buffer (parameters, tuples, bitcasts, loops) are left out;
+    a fusion is named by the computation it calls (``fused_dynamic_update_slice``...).
+    """
+    whole = tuple(cache.k.shape)
+    sizes = {whole: "all layers", whole[1:]: "one layer"}
+    counts: collections.Counter[str] = collections.Counter()
+    fused = False
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and "{" in line:  # a computation's header
+            fused = line.lstrip("%").startswith(("fused", "wrapped"))
+            continue
+        match = _INSTRUCTION.match(line)
+        if fused or not match or match.group(2) in _NO_DATA:
+            continue
+        opcode = match.group(2)
+        if opcode == "fusion":
+            called = re.search(r"calls=%([\w.-]+)", line)
+            opcode = re.sub(r"\.\d+$", "", called.group(1)) if called else opcode
+        for dims in _ARRAY.findall(match.group(1)):
+            shape = tuple(int(d) for d in dims.split(",") if d)
+            if shape in sizes:
+                counts[f"{opcode} ({sizes[shape]})"] += 1
+    return counts
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def measure(compiled: Any, cache: KVCache) -> dict[str, Any]:
+    """Memory analysis (GB) and the cache-sized HLO ops of a compiled program."""
+    m = compiled.memory_analysis()
+    ops = cache_buffers(compiled.as_text(), cache)
+    return {
+        "arguments": _size(m.argument_size_in_bytes),
+        "outputs": _size(m.output_size_in_bytes),
+        "aliased": _size(m.alias_size_in_bytes),
+        "temporaries": _size(m.temp_size_in_bytes),
+        "cache-sized writes": ", ".join(f"{k} x{n}" for k, n in sorted(ops.items())) or "none",
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dtype = jnp.dtype(args.dtype)
+    cfg = config_from(args)
+    ctx = Context(dtype)
+    mesh = target_mesh()
+    params = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg, dtype))
+    params = abstract(params, mesh)
+    empty = jax.eval_shape(lambda: KVCache.create(cfg, args.batch, args.seq, dtype))
+    # A cache that already went through prefill: the decode loop's state.
+    cache = abstract(dataclasses.replace(empty, started=True), mesh)
+    tokens = abstract(jax.ShapeDtypeStruct((args.batch,), jnp.int32), mesh)
+
+    def step(p: Any, c: KVCache, t: jax.Array) -> tuple[jax.Array, KVCache]:
+        return gen.decode_step(p, cfg, t, c, ctx)
+
+    def loop(p: Any, c: KVCache, t: jax.Array) -> tuple[jax.Array, KVCache]:
+        def body(_: Any, carry: tuple[jax.Array, KVCache]) -> tuple[jax.Array, KVCache]:
+            logits, c = step(p, carry[1], carry[0])
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), c
+
+        return jax.lax.fori_loop(0, args.loop_steps, body, (t, c))
+
+    rows = {
+        name: measure(compile_on(mesh, fn, params, cache, tokens, donate_argnums=(1,)), cache)
+        for name, fn in (("decode_step", step), (f"{args.loop_steps} greedy steps", loop))
+    }
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize
+    target = "H100 (deviceless)" if gpu_target_available() else "CPU (no CUDA plugin)"
+    print(f"`{shlex.join(['python', *sys.argv])}`\n")
+    print(
+        f"{target}: {args.layers} layers, hidden {args.hidden}, batch {args.batch}, "
+        f"{args.seq} cache slots, {args.dtype}; weights {_size(weights)}, "
+        f"KV cache (k + v) {_size(cache_bytes)}\n"
+    )
+    columns = list(next(iter(rows.values())))
+    print("| program | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(row.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
