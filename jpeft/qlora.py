@@ -56,7 +56,7 @@ def _check_settings(kernel: QuantizedWeight, method: QLoRA, module: str) -> None
     found = dict(
         quant_type=kernel.quant_type,
         blocksize=kernel.blocksize,
-        double_quant=kernel.offset is not None,
+        double_quant=kernel.double_quant,
     )
     wanted = dict(
         quant_type=method.quant_type, blocksize=method.blocksize, double_quant=method.double_quant
