@@ -39,7 +39,7 @@ from jpeft.quant.layout import (
     quantize_flat,
     quantize_kernel,
 )
-from jpeft.quant.node import QuantizedWeight, dequantize, quantize
+from jpeft.quant.node import QuantizedWeight, dequantize, quantize, with_implementation
 
 __all__ = [
     "BLOCKSIZES",
@@ -77,4 +77,5 @@ __all__ = [
     "torch_mean",
     "torch_sum",
     "unpack",
+    "with_implementation",
 ]

@@ -3,11 +3,15 @@
 A quantized kernel ``[..., in, out]`` holds bitsandbytes' bits in the kernel layout
 (``in % blocksize == 0``: arrays ``[..., out, ...]`` that shard like the base kernel)
 or, for any other width, in bitsandbytes' flat layout (:mod:`jpeft.quant.layout`). A
-layer-stacked kernel is quantized per layer, so under the scanned forward only one
-layer is ever dequantized at a time.
+layer-stacked kernel is quantized per layer. Its matmul is
+:func:`jpeft.quant.kernels.matmul`: on CUDA, fused Pallas kernels read the 4-bit weight
+where it lies; elsewhere XLA dequantizes one layer at a time under the scanned forward.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 from jpeft.models.context import Context
 from jpeft.models.linear import dense, matmul
 from jpeft.nodes import Node, node
+from jpeft.quant import kernels
 from jpeft.quant.double import double_dequantize, double_quantize
 from jpeft.quant.layout import (
     dequantize_flat,
@@ -25,7 +30,7 @@ from jpeft.quant.layout import (
 )
 
 
-@node(static=("quant_type", "blocksize", "in_features", "out_features"))
+@node(static=("quant_type", "blocksize", "in_features", "out_features", "implementation"))
 class QuantizedWeight(Node):
     """A 4-bit kernel ``[..., in_features, out_features]``; nothing in it is trainable.
 
@@ -48,6 +53,9 @@ class QuantizedWeight(Node):
         quant_type: ``"nf4"`` or ``"fp4"``.
         blocksize: values per absmax block (32..4096).
         in_features, out_features: one layer's kernel shape ``(in, out)``.
+        implementation: how it multiplies (:func:`jpeft.quant.kernels.matmul`): None for
+            the fused kernels on CUDA and XLA elsewhere, ``"xla"`` or ``"interpret"``
+            (the kernels in Pallas interpret mode, for tests); see :func:`with_implementation`.
 
     Example:
         >>> w4 = quantize(jnp.ones((72, 8)), "nf4", blocksize=64, double_quant=True)
@@ -64,6 +72,7 @@ class QuantizedWeight(Node):
     blocksize: int
     in_features: int
     out_features: int
+    implementation: str | None = None
 
     @property
     def double_quant(self) -> bool:
@@ -110,6 +119,7 @@ class QuantizedWeight(Node):
             blocksize=self.blocksize,
             in_features=self.in_features,
             out_features=self.out_features,
+            implementation=self.implementation,
         )
 
 
@@ -164,6 +174,30 @@ def dequantize(w: QuantizedWeight, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     return w.dequantize(dtype)
 
 
+def with_implementation(tree: Any, implementation: str | None) -> Any:
+    """``tree`` (a params tree or one node) with every :class:`QuantizedWeight` set to
+    multiply with ``implementation`` (one of :data:`jpeft.quant.kernels.IMPLEMENTATIONS`).
+
+    Raises:
+        ValueError: an unknown ``implementation``.
+
+    Example:
+        >>> w4 = with_implementation({"w": quantize(jnp.ones((64, 16)))}, "xla")["w"]
+        >>> w4.implementation
+        'xla'
+    """
+    kernels.check_implementation(implementation)
+    return jax.tree.map(
+        lambda w: (
+            dataclasses.replace(w, implementation=implementation)
+            if isinstance(w, QuantizedWeight)
+            else w
+        ),
+        tree,
+        is_leaf=lambda x: isinstance(x, QuantizedWeight),
+    )
+
+
 @dense.register(QuantizedWeight)
 def _dense(w: QuantizedWeight) -> jax.Array:
     return w.dequantize(jnp.float32)
@@ -171,4 +205,4 @@ def _dense(w: QuantizedWeight) -> jax.Array:
 
 @matmul.register(QuantizedWeight)
 def _matmul(w: QuantizedWeight, x: jax.Array, ctx: Context, name: str) -> jax.Array:
-    return jnp.matmul(x.astype(ctx.dtype), w.dequantize(ctx.dtype))
+    return kernels.matmul(x.astype(ctx.dtype), w)
