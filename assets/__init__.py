@@ -8,7 +8,7 @@ Example:
     >>> import os
     >>> os.path.isfile(os.path.join(path("tiny-llama"), "config.json"))
     True
-    >>> resolve("assets/data/eval.jsonl") == path("data/eval.jsonl")  # from any directory
+    >>> os.path.samefile(resolve("assets/data/eval.jsonl"), path("data/eval.jsonl"))
     True
 """
 

@@ -1,16 +1,17 @@
-"""The interface every PEFT method implements, and the registry peft files resolve through."""
+"""The interface every PEFT method implements, and the registry adapter files resolve through."""
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
+from jpeft.adapter_files import AdapterConfig, AdapterTensors
 from jpeft.models.config import LlamaConfig
-
-Params = dict[str, Any]
+from jpeft.models.pytree import Params
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -18,8 +19,11 @@ _REGISTRY: dict[str, type[Method]] = {}
 class Method(abc.ABC):
     """A PEFT method: a frozen dataclass of options plus a pure params transform.
 
-    Subclasses set ``peft_type`` to HF peft's name (``"LORA"``, ``"PREFIX_TUNING"``...)
-    or to a jpeft-only name, and are registered with :func:`register`.
+    Subclasses set ``peft_type`` (the ``adapter_config.json`` key that names the
+    method: HF peft's name such as ``"LORA"``, or a jpeft-only one), are registered
+    with :func:`register`, and implement :meth:`init` and the three adapter-file
+    methods. :func:`jpeft.save_hf_adapter` writes :meth:`adapter_config` and
+    :meth:`adapter_tensors`; :func:`jpeft.load_hf_adapter` calls :meth:`from_adapter`.
 
     Example:
         >>> method = jpeft.LoRA(r=8, targets=("q_proj", "v_proj"))     # doctest: +SKIP
@@ -33,23 +37,37 @@ class Method(abc.ABC):
         """Return ``params`` with this method's nodes added (pure; ``params`` is untouched)."""
 
     @abc.abstractmethod
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
-        """The ``adapter_config.json`` dict peft reads for this method."""
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+        """The ``adapter_config.json`` dict of this method (with its ``peft_type``)."""
 
     @abc.abstractmethod
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        """The adapter tensors in peft's on-disk names and torch layout."""
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        """The adapter tensors under their file names, in the file's (torch) layout."""
 
     @classmethod
     @abc.abstractmethod
-    def from_peft(
+    def read_adapter(
+        cls, config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
+    ) -> tuple[Method, Params]:
+        """Rebuild the method and its nodes over base ``params``, taking every tensor it uses."""
+
+    @classmethod
+    def from_adapter(
         cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
+        config: AdapterConfig | Mapping[str, Any],
+        tensors: AdapterTensors | Mapping[str, np.ndarray],
         params: Params,
         cfg: LlamaConfig,
+        **options: Any,
     ) -> tuple[Method, Params]:
-        """Rebuild the method and its nodes over base ``params`` from a peft adapter."""
+        """:meth:`read_adapter`, then refuse any tensor it did not use.
+
+        ``config`` and ``tensors`` may be plain dicts; ``options`` go to ``read_adapter``.
+        """
+        tensors = AdapterTensors.of(tensors)
+        method, params = cls.read_adapter(AdapterConfig.of(config), tensors, params, cfg, **options)
+        tensors.check_all_used()
+        return method, params
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -59,7 +77,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def method_for(peft_type: str) -> type[Method]:
-    """The registered method class for a peft ``peft_type``."""
+    """The registered method class for a ``peft_type``."""
     if peft_type not in _REGISTRY:
         raise ValueError(f"peft_type {peft_type!r} is not supported; known: {sorted(_REGISTRY)}")
     return _REGISTRY[peft_type]

@@ -7,13 +7,11 @@ gradient buffers and no optimizer state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 
+from jpeft.models.pytree import Tree
 from jpeft.nodes import Node, is_node
-
-Tree = Any
 
 
 def split(params: Tree) -> tuple[Tree, Tree]:

@@ -15,20 +15,14 @@ Example:
 
 from __future__ import annotations
 
-import jax
-
 from jpeft.models.hf import register_quantizer
 from jpeft.models.packed import register_packed_format
-from jpeft.quant import QuantizedWeight, bnb_4bit_format, quantize
-
-
-def quantize_nf4(kernel: jax.Array, module: str) -> QuantizedWeight:
-    """``load_pretrained(..., quantize="nf4")``: NF4 with double quantization, blocksize 64
-    (the QLoRA paper's recipe, and transformers' ``BitsAndBytesConfig`` defaults for it)."""
-    return quantize(kernel, "nf4", blocksize=64, double_quant=True)
+from jpeft.qlora import QLoRA
+from jpeft.quant import bnb_4bit_format
 
 
 def register_builtins() -> None:
-    """Register the ``"nf4"`` quantizer and the ``"bitsandbytes"`` packed format."""
-    register_quantizer("nf4", quantize_nf4)
+    """Register the ``"nf4"`` quantizer (:class:`jpeft.QLoRA`'s default settings: NF4,
+    blocksize 64, double quantization) and the ``"bitsandbytes"`` packed format."""
+    register_quantizer("nf4", QLoRA().quantize)
     register_packed_format("bitsandbytes", bnb_4bit_format)

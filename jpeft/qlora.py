@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
 from jpeft.lora import LoRA
-from jpeft.method import Params
 from jpeft.models.config import LlamaConfig
-from jpeft.models.hf_names import PROJECTIONS, group_of
+from jpeft.models.param_spec import PROJECTIONS, group_of
+from jpeft.models.pytree import Params
 from jpeft.quant import QuantizedWeight, quantize
 
 
@@ -21,7 +22,9 @@ class QLoRA(LoRA):
     adapter, so peft loads it over a bitsandbytes 4-bit model (``peft_type`` LORA).
     Kernels that are already quantized (``hf.load_pretrained(..., quantize="nf4")``, a
     bitsandbytes 4-bit checkpoint) are kept if they use this method's settings; other
-    settings raise rather than being silently kept or requantized.
+    settings raise rather than being silently kept or requantized. The defaults are the
+    QLoRA paper's recipe (transformers' ``BitsAndBytesConfig`` defaults for NF4), and
+    ``load_pretrained(..., quantize="nf4")`` quantizes with them (:mod:`jpeft.plugins`).
 
     Example:
         >>> method = QLoRA(r=64, alpha=16, dropout=0.1, targets="all-linear")
@@ -35,6 +38,23 @@ class QLoRA(LoRA):
     def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
         return super().init(key, quantize_linears(params, self), cfg)
 
+    def quantize(self, kernel: jax.Array, module: str | None = None) -> QuantizedWeight:
+        """``kernel [..., in, out]`` quantized with this method's settings.
+
+        ``method.quantize`` is also a ``load_pretrained`` quantizer (``quantize=``).
+
+        Example:
+            >>> QLoRA().quantize(jax.numpy.ones((64, 2))).quant_type
+            'nf4'
+        """
+        return quantize(kernel, self.quant_type, self.blocksize, self.double_quant)
+
+    def settings(self) -> dict[str, Any]:
+        """``{quant_type, blocksize, double_quant}`` of this method."""
+        return dict(
+            quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant
+        )
+
 
 def quantize_linears(params: Params, method: QLoRA) -> Params:
     """``params`` with every decoder projection kernel quantized (already-quantized kept)."""
@@ -45,9 +65,7 @@ def quantize_linears(params: Params, method: QLoRA) -> Params:
         if isinstance(kernel, QuantizedWeight):
             _check_settings(kernel, method, module)
         else:
-            entry["kernel"] = quantize(
-                kernel, method.quant_type, method.blocksize, method.double_quant
-            )
+            entry["kernel"] = method.quantize(kernel, module)
         layers[group_of(module)][module] = entry
     return {**params, "layers": layers}
 
@@ -58,9 +76,7 @@ def _check_settings(kernel: QuantizedWeight, method: QLoRA, module: str) -> None
         blocksize=kernel.blocksize,
         double_quant=kernel.double_quant,
     )
-    wanted = dict(
-        quant_type=method.quant_type, blocksize=method.blocksize, double_quant=method.double_quant
-    )
+    wanted = method.settings()
     if found != wanted:
         raise ValueError(
             f"QLoRA: {module} is already quantized with {found}, but the method asks for "

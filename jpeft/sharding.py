@@ -1,15 +1,11 @@
 """Logical axis names of every array in a params tree (sharding is data).
 
-A base tensor's axes follow from its place in the params layout of
-:mod:`jpeft.models.llama` (e.g. ``layers/mlp/up_proj/kernel`` is ``("layers", "embed",
-"mlp")``). A PEFT node's axes come from ``node.logical_axes(base_axes)``, where
-``base_axes`` are the axes of the tensor the node stands in for (None for nodes
-that replace no tensor, e.g. prompts). ``jpeft.train.sharding`` maps the names to mesh
-axes.
-
-Logical names: ``vocab``, ``embed`` (hidden size), ``heads`` (query heads x
-head_dim), ``kv_heads``, ``mlp`` (intermediate size), ``norm`` (norm scales),
-``layers`` (the stacked layer axis); None means replicated.
+A base tensor's axes are those of its :class:`jpeft.models.param_spec.ParamSpec`
+(e.g. ``layers/mlp/up_proj/kernel`` is ``("layers", "embed", "mlp")``). A PEFT node's
+axes come from ``node.logical_axes(base_axes)``, where ``base_axes`` are the spec's axes
+of the tensor the node stands in for (None for nodes that replace no tensor, e.g.
+prompts). ``jpeft.train.sharding`` maps the names to mesh axes; the names are listed in
+:mod:`jpeft.models.param_spec`. None means replicated.
 """
 
 from __future__ import annotations
@@ -19,33 +15,9 @@ from typing import Any
 
 import jax
 
+from jpeft.models.param_spec import spec_at
+from jpeft.models.pytree import Axes, Tree
 from jpeft.nodes import Node, is_node
-
-Tree = Any
-Axes = tuple[str | None, ...]
-
-# (module, leaf) -> axes of the unstacked tensor; entries under "layers" get a leading "layers".
-BASE_AXES: dict[tuple[str, str], Axes] = {
-    ("embed_tokens", "embedding"): ("vocab", "embed"),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-    ("norm", "scale"): ("norm",),
-    ("input_layernorm", "scale"): ("norm",),
-    ("post_attention_layernorm", "scale"): ("norm",),
-    ("q_proj", "kernel"): ("embed", "heads"),
-    ("k_proj", "kernel"): ("embed", "kv_heads"),
-    ("v_proj", "kernel"): ("embed", "kv_heads"),
-    ("o_proj", "kernel"): ("heads", "embed"),
-    ("q_proj", "bias"): ("heads",),
-    ("k_proj", "bias"): ("kv_heads",),
-    ("v_proj", "bias"): ("kv_heads",),
-    ("o_proj", "bias"): ("embed",),
-    ("gate_proj", "kernel"): ("embed", "mlp"),
-    ("up_proj", "kernel"): ("embed", "mlp"),
-    ("down_proj", "kernel"): ("mlp", "embed"),
-    ("gate_proj", "bias"): ("mlp",),
-    ("up_proj", "bias"): ("mlp",),
-    ("down_proj", "bias"): ("embed",),
-}
 
 
 def is_axes(x: Any) -> bool:
@@ -65,10 +37,8 @@ def base_axes(keys: tuple[str, ...]) -> Axes | None:
         >>> base_axes(("layers", "mlp", "down_proj", "kernel"))
         ('layers', 'mlp', 'embed')
     """
-    axes = BASE_AXES.get(tuple(keys[-2:]))
-    if axes is None:
-        return None
-    return ("layers", *axes) if keys[0] == "layers" else axes
+    spec = spec_at(tuple(keys))
+    return None if spec is None else spec.axes
 
 
 def logical_axes(params: Tree) -> Tree:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,7 @@ from jpeft.models import hooks, llama, sampling
 from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
-
-Params = dict[str, Any]
+from jpeft.models.pytree import Params
 
 
 @functools.partial(
@@ -49,19 +47,41 @@ class GenerationResult:
 
 
 def virtual_tokens(params: Params, batch_size: int, ctx: Context | None = None) -> int:
-    """Cache slots the soft prompt (``params["prompt"]``) occupies; 0 without one.
+    """Cache slots the soft prompts of ``params`` occupy; 0 without one.
 
     Example:
         >>> virtual_tokens({"embed_tokens": {}}, batch_size=2)
         0
     """
-    if "prompt" not in params:
-        return 0
-    ctx = ctx or Context()
-    shape = jax.eval_shape(
-        lambda p: hooks.prompt_embeddings(p, batch_size, ctx), params["prompt"]
-    ).shape
-    return int(shape[1])
+    return hooks.prompt_length(params, batch_size, ctx or Context())
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    rows: int | None = None,
+    width: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id prompts right-aligned in int32 ``ids [rows, width]`` and their ``mask``.
+
+    ``rows`` (default: one per prompt) may exceed the prompts, to keep one batch
+    shape: the extra rows hold a single valid pad token, so :func:`generate` accepts
+    them (ignore their output). ``width`` defaults to the longest prompt.
+
+    Example:
+        >>> ids, mask = left_pad([[5, 6], [7]], pad_id=0, rows=3)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6], [0, 7], [0, 0]], [[1, 1], [0, 1], [0, 1]])
+    """
+    rows = len(prompts) if rows is None else rows
+    width = max(len(p) for p in prompts) if width is None else width
+    ids = np.full((rows, width), pad_id, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for i in range(rows):
+        prompt = list(prompts[i]) if i < len(prompts) else [pad_id]
+        ids[i, width - len(prompt) :] = prompt
+        mask[i, width - len(prompt) :] = 1
+    return ids, mask
 
 
 def prefill(

@@ -3,8 +3,9 @@
 Loading streams: each HF tensor is read from disk in chunks of at most
 :data:`CHUNK_BYTES` (only its own bytes), each chunk is transposed and cast on the
 device and written in place into the preallocated (stacked ``[L, ...]``) entry by a
-donated update. Host memory beyond the final params stays at about one chunk, plus
-one layer's kernel when a quantizer is used (``bench/load_memory.py`` measures it).
+donated update, and checked for NaN/Inf there. Host memory beyond the final params
+stays at about one chunk, plus one layer's kernel when a quantizer is used
+(``bench/load_memory.py`` measures it).
 
 Quantization plugs in through :func:`register_quantizer`; pre-quantized checkpoints
 through :func:`jpeft.models.packed.register_packed_format`. :mod:`jpeft.plugins`
@@ -30,8 +31,9 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.hf_checkpoint import Checkpoint, hf_shape
 from jpeft.models.hf_names import tensor_slots
 from jpeft.models.hf_save import save_pretrained
-from jpeft.models.llama import Params, init_params
-from jpeft.models.safetensors_io import SafetensorsFile
+from jpeft.models.llama import init_params
+from jpeft.models.pytree import Params
+from jpeft.models.safetensors_io import SafetensorsFile, check_finite
 
 __all__ = ["QUANTIZERS", "Quantizer", "load_pretrained", "register_quantizer", "save_pretrained"]
 
@@ -70,6 +72,7 @@ def load_pretrained(
     path: str | os.PathLike,
     dtype: DTypeLike = jnp.float32,
     quantize: str | Quantizer | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[LlamaConfig, Params]:
     """Read an HF LLaMA directory: ``config.json`` plus ``model.safetensors`` or shards.
 
@@ -84,13 +87,18 @@ def load_pretrained(
         quantize: a registered :data:`Quantizer`'s name (``"nf4"``: NF4 with double
             quantization, blocksize 64) or a :data:`Quantizer` itself, applied to each layer's
             linear kernels; None to keep them dense.
+        allow_nonfinite: load tensors holding NaN or Inf instead of refusing them. The
+            check runs on the device, on each chunk as it is copied in.
 
     Raises:
         FileNotFoundError: no ``config.json`` or no safetensors weights.
-        ValueError: missing, unexpected or misshaped tensors (naming file, key and
-            both shapes), a corrupt or truncated file, an unknown ``quantize``, an
-            unsupported ``quantization_config``, ``quantize`` on a checkpoint whose
-            weights are already packed.
+        ValueError: a ``config.json`` that is not valid JSON or has values of the wrong
+            type; missing, unexpected, misshaped or non-float tensors (naming file, key and
+            both shapes or dtypes); a tensor holding NaN or Inf (naming file, tensor and
+            the first bad index); a corrupt or truncated file (overlapping byte ranges
+            included), a symlink loop; an unknown ``quantize``, an unsupported
+            ``quantization_config``, ``quantize`` on a checkpoint whose weights are
+            already packed.
 
     Example:
         >>> cfg, params = load_pretrained("Llama-3.2-1B", dtype=jnp.bfloat16)  # doctest: +SKIP
@@ -107,7 +115,7 @@ def load_pretrained(
                 f"{ckpt.path}: the checkpoint's linear weights are already quantized "
                 f"(quantization_config in config.json); load it without quantize={quantize!r}"
             )
-        return cfg, _assemble(cfg, shapes, ckpt, dtype, quantizer)
+        return cfg, _assemble(cfg, shapes, ckpt, dtype, quantizer, allow_nonfinite)
 
 
 def _quantizer(quantize: str | Quantizer | None) -> Quantizer | None:
@@ -127,8 +135,10 @@ def _assemble(
     ckpt: Checkpoint,
     dtype: DTypeLike,
     quantizer: Quantizer | None,
+    allow_nonfinite: bool,
 ) -> Params:
     """Copy every tensor into its preallocated entry on the device, chunk by chunk."""
+    read = functools.partial(_read_into, allow_nonfinite=allow_nonfinite)
     entries: dict[tuple, jax.Array] = {}
     stacks: dict[tuple, _Stack] = {}
     for key, path, layer, transposed in tensor_slots(cfg):
@@ -136,15 +146,15 @@ def _assemble(
         shape = functools.reduce(operator.getitem, path, shapes).shape
         if key in ckpt.packed:
             stack = stacks.setdefault(path, _Stack(key, cfg.num_hidden_layers))
-            stack.put(layer, ckpt.unpack(key, hf_shape(shape, layer, transposed)))
+            stack.put(layer, ckpt.unpack(key, hf_shape(shape, layer, transposed), allow_nonfinite))
         elif quantizer is not None and layer is not None and path[-1] == "kernel":
-            kernel = _read_into(jnp.zeros(shape[1:], dtype), (), reader, key, transposed)
+            kernel = read(jnp.zeros(shape[1:], dtype), (), reader, key, transposed)
             stack = stacks.setdefault(path, _Stack(key, cfg.num_hidden_layers))
             stack.put(layer, quantizer(kernel, path[-2]))
         else:
             entry = entries[path] if path in entries else jnp.zeros(shape, dtype)
             index = () if layer is None else (layer,)
-            entries[path] = _read_into(entry, index, reader, key, transposed)
+            entries[path] = read(entry, index, reader, key, transposed)
     entries.update((path, stack.value()) for path, stack in stacks.items())
     params: Params = {}
     for path, value in entries.items():
@@ -153,17 +163,29 @@ def _assemble(
 
 
 def _read_into(
-    buffer: jax.Array, index: tuple, reader: SafetensorsFile, key: str, transposed: bool
+    buffer: jax.Array,
+    index: tuple,
+    reader: SafetensorsFile,
+    key: str,
+    transposed: bool,
+    allow_nonfinite: bool,
 ) -> jax.Array:
-    """``buffer[index] = tensor key`` (transposed if asked), ``CHUNK_BYTES`` of rows at a time."""
+    """``buffer[index] = tensor key`` (transposed if asked), ``CHUNK_BYTES`` of rows at a time.
+
+    Each chunk is checked for NaN/Inf on the device, in the same kernel that copies it in;
+    a bad chunk is read again on the host to name the first bad element.
+    """
     shape = reader.shape(key)
     row_bytes = math.prod(shape[1:]) * reader.dtype(key).itemsize
     step = max(1, CHUNK_BYTES // max(1, row_bytes))
     for start in range(0, shape[0], step):
-        chunk = reader.read(key, start, min(shape[0], start + step))
+        stop = min(shape[0], start + step)
+        chunk = reader.read(key, start, stop)
         offset = [0] * len(shape)
         offset[-1 if transposed else 0] = start  # HF rows are our columns when transposed
-        buffer = _fill(buffer, chunk, (*index, *offset), transposed=transposed)
+        buffer, finite = _fill(buffer, chunk, (*index, *offset), transposed=transposed)
+        if not (allow_nonfinite or finite):
+            check_finite(reader.read(key, start, stop), reader.path, key, first_row=start)
         buffer.block_until_ready()  # host staging stays at one chunk
     return buffer
 
@@ -188,18 +210,22 @@ class _Stack:
                 f"({treedef}, {specs}) than layer 0"
             )
         pairs = zip(self.buffers, leaves, strict=True)
-        self.buffers = [_fill(b, leaf, (layer,) + (0,) * leaf.ndim) for b, leaf in pairs]
+        self.buffers = [_fill(b, leaf, (layer,) + (0,) * leaf.ndim)[0] for b, leaf in pairs]
 
     def value(self) -> Any:
         return jax.tree.unflatten(self.treedef, self.buffers)
 
 
 @jax.jit(static_argnames="transposed", donate_argnums=0)
-def _fill(buffer: jax.Array, block: jax.Array, start: tuple, transposed: bool = False) -> jax.Array:
-    """``buffer`` with ``block`` (transposed, cast, leading 1-axes added) written at ``start``."""
+def _fill(
+    buffer: jax.Array, block: jax.Array, start: tuple, transposed: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """``buffer`` with ``block`` (transposed, cast, leading 1-axes added) written at ``start``,
+    and whether ``block`` is all finite (as stored, before the cast; one fused pass)."""
+    finite = jnp.isfinite(block).all()
     block = (block.T if transposed else block).astype(buffer.dtype)
     block = block.reshape((1,) * (buffer.ndim - block.ndim) + block.shape)
-    return jax.lax.dynamic_update_slice(buffer, block, start)
+    return jax.lax.dynamic_update_slice(buffer, block, start), finite
 
 
 def _put(tree: dict, path: tuple, value: Any) -> None:

@@ -14,12 +14,11 @@ import operator
 import os
 from typing import Any
 
-import jax.numpy as jnp
-
 from jpeft.models.config import LlamaConfig
+from jpeft.models.files import read_json, require_file
 from jpeft.models.hf_names import PROJECTIONS, hf_key, tensor_slots
 from jpeft.models.packed import packed_format
-from jpeft.models.safetensors_io import SafetensorsFile
+from jpeft.models.safetensors_io import SafetensorsFile, check_finite, is_float
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -57,12 +56,19 @@ class Checkpoint:
         """The open file that holds tensor ``key``."""
         return self._readers[self.files[key]]
 
-    def unpack(self, key: str, shape: tuple[int, ...]) -> Any:
-        """One layer's packed weight node (its tensors read whole: they are 4-bit small)."""
-        names = (key, *self.format.parts(key))
-        return self.format.unpack(
-            key, {name: self.reader(name).read(name) for name in names}, shape
-        )
+    def unpack(self, key: str, shape: tuple[int, ...], allow_nonfinite: bool = False) -> Any:
+        """One layer's packed weight node (its tensors read whole: they are 4-bit small).
+
+        Raises:
+            ValueError: a floating-point part (absmax, quant_map...) holds NaN or Inf,
+                unless ``allow_nonfinite``; the format's own errors.
+        """
+        tensors = {}
+        for name in (key, *self.format.parts(key)):
+            tensors[name] = self.reader(name).read(name)
+            if not allow_nonfinite:
+                check_finite(tensors[name], self.reader(name).path, name)
+        return self.format.unpack(key, tensors, shape)
 
     def check(self, cfg: LlamaConfig, shapes: Any) -> None:
         """Raise one ValueError listing every missing, unexpected or misshaped tensor.
@@ -124,25 +130,33 @@ def hf_shape(stacked: tuple[int, ...], layer: int | None, transposed: bool) -> t
 
 def _weight_files(path: str) -> dict[str, str]:
     """``{hf_key: file name}`` from the single file or the shard index (as transformers)."""
-    if os.path.isfile(os.path.join(path, SINGLE_FILE)):
-        with SafetensorsFile(os.path.join(path, SINGLE_FILE)) as f:
+    single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
+    if os.path.lexists(single):  # a broken symlink or a loop is named, not skipped
+        with SafetensorsFile(single) as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
-    index = os.path.join(path, INDEX_FILE)
-    if not os.path.isfile(index):
+    if not os.path.lexists(index):
         raise FileNotFoundError(
             f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (found {sorted(os.listdir(path))})"
         )
-    try:
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from e
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not a dict")
+    content = read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(
+            f"{index}: not a safetensors index: expected an object with a 'weight_map' "
+            f"object of file names, found {_brief(content)}"
+        )
     for name in sorted(set(weight_map.values())):
-        if not os.path.isfile(os.path.join(path, name)):
+        shard = os.path.join(path, name)
+        if not os.path.lexists(shard):
             raise FileNotFoundError(f"{index} lists shard {name!r}, which is not in {path}")
+        require_file(shard)
     return dict(weight_map)
+
+
+def _brief(value: object) -> str:
+    """A short description of a JSON value for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _ignored(key: str, cfg: LlamaConfig) -> bool:
@@ -159,8 +173,11 @@ def _misfit(key: str, want: tuple[int, ...], reader: SafetensorsFile) -> list[st
         problems.append(
             f"{reader.path}: tensor {key!r} has shape {list(found)}, expected {list(want)}"
         )
-    if not jnp.issubdtype(reader.dtype(key), jnp.floating):
-        problems.append(f"{reader.path}: tensor {key!r} has dtype {reader.dtype(key)}")
+    if not is_float(reader.dtype(key)):
+        problems.append(
+            f"{reader.path}: tensor {key!r} has dtype {reader.dtype(key)}, "
+            "expected a floating-point dtype"
+        )
     return problems
 
 

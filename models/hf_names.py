@@ -1,4 +1,7 @@
-"""Where each tensor of our params tree lives in an HF ``LlamaForCausalLM`` state dict."""
+"""Where each tensor of our params tree lives in an HF ``LlamaForCausalLM`` state dict.
+
+The names and layouts come from :data:`jpeft.models.param_spec.LAYOUT`.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +13,24 @@ import numpy as np
 
 from jpeft.models.config import LlamaConfig
 from jpeft.models.linear import dense
+from jpeft.models.param_spec import PROJECTIONS, group_of, module_name, specs
+from jpeft.models.pytree import Params, get_path
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION + MLP
-
-
-def group_of(module: str) -> str:
-    """``"self_attn"`` or ``"mlp"``: the params group that holds an HF projection name."""
-    if module in ATTENTION:
-        return "self_attn"
-    if module in MLP:
-        return "mlp"
-    raise ValueError(f"{module!r} is not a LLaMA projection; valid: {list(PROJECTIONS)}")
+__all__ = ["PROJECTIONS", "check_placed", "group_of", "hf_key", "hf_state_dict", "tensor_slots"]
 
 
 def hf_key(layer: int, module: str, leaf: str = "weight") -> str:
-    """``model.layers.{layer}.{self_attn|mlp}.{module}.{leaf}``."""
-    return f"model.layers.{layer}.{group_of(module)}.{module}.{leaf}"
+    """``model.layers.{layer}.{self_attn|mlp}.{module}.{leaf}`` of a projection.
+
+    Example:
+        >>> hf_key(2, "q_proj", "bias")
+        'model.layers.2.self_attn.q_proj.bias'
+    """
+    return f"{module_name(layer, module)}.{leaf}"
 
 
 def tensor_slots(cfg: LlamaConfig) -> Iterator[tuple[str, tuple, int | None, bool]]:
-    """Every HF tensor: ``(hf_key, params_path, layer_index or None, transposed)``.
+    """Every HF tensor, in HF order: ``(hf_key, params_path, layer_index or None, transposed)``.
 
     ``params_path`` is the key path into our params tree; ``transposed`` means the
     HF tensor is the transpose of ours (linear kernels).
@@ -42,22 +41,18 @@ def tensor_slots(cfg: LlamaConfig) -> Iterator[tuple[str, tuple, int | None, boo
         >>> next(tensor_slots(cfg))[0]
         'model.embed_tokens.weight'
     """
-    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False
-    for i in range(cfg.num_hidden_layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            yield f"model.layers.{i}.{norm}.weight", ("layers", norm, "scale"), i, False
-        for module in PROJECTIONS:
-            group = group_of(module)
-            yield hf_key(i, module), ("layers", group, module, "kernel"), i, True
-            bias = cfg.attention_bias if group == "self_attn" else cfg.mlp_bias
-            if bias:
-                yield hf_key(i, module, "bias"), ("layers", group, module, "bias"), i, False
-    yield "model.norm.weight", ("norm", "scale"), None, False
-    if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", ("lm_head", "kernel"), None, True
+    present = specs(cfg)
+    per_layer = [spec for spec in present if spec.per_layer]
+    for spec in present:
+        if not spec.per_layer:
+            yield spec.hf_key(), spec.path, None, spec.transposed
+        elif spec is per_layer[0]:  # all layer leaves, layer by layer
+            for i in range(cfg.num_hidden_layers):
+                for leaf in per_layer:
+                    yield leaf.hf_key(i), leaf.path, i, leaf.transposed
 
 
-def hf_state_dict(params: dict[str, Any], cfg: LlamaConfig) -> dict[str, np.ndarray]:
+def hf_state_dict(params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     """Our (plain or merged) params as HF's LLaMA state dict of numpy arrays.
 
     PEFT nodes at tensor slots are folded with :func:`jpeft.models.linear.dense` (merge
@@ -67,28 +62,26 @@ def hf_state_dict(params: dict[str, Any], cfg: LlamaConfig) -> dict[str, np.ndar
     check_placed(params, cfg)
     out = {}
     for key, path, layer, transposed in tensor_slots(cfg):
-        node: Any = params
-        for part in path:
-            node = node[part]
-        array = np.asarray(jax.device_get(dense(node) if layer is None else dense(node)[layer]))
+        weight = dense(get_path(params, path))
+        array = np.asarray(jax.device_get(weight if layer is None else weight[layer]))
         out[key] = np.ascontiguousarray(array.T if transposed else array)
     return out
 
 
-def check_placed(params: dict[str, Any], cfg: LlamaConfig) -> None:
+def check_placed(params: Params, cfg: LlamaConfig) -> None:
     """Every params entry must be a tensor slot of ``cfg`` and every slot present."""
-    slots = {path for _, path, _, _ in tensor_slots(cfg)}
+    slots = {spec.path for spec in specs(cfg)}
     prefixes = {path[:i] for path in slots for i in range(len(path))}
     extra: list[str] = []
 
-    def walk(node: Any, at: tuple) -> None:
+    def walk(entry: Any, at: tuple) -> None:
         if at in slots:
             return
-        if at in prefixes and isinstance(node, dict):
-            for name, child in node.items():
+        if at in prefixes and isinstance(entry, dict):
+            for name, child in entry.items():
                 walk(child, (*at, name))
         else:
-            extra.append(f"{'/'.join(at)} ({type(node).__name__})")
+            extra.append(f"{'/'.join(at)} ({type(entry).__name__})")
 
     walk(params, ())
     if extra:

@@ -2,13 +2,13 @@
 
 Tensors are produced one at a time (one layer of one entry, PEFT nodes folded by
 :func:`jpeft.models.linear.dense`), so saving needs no full host copy of the model.
-Every file is written to a temporary name in the target directory, then renamed.
+Every file goes through :func:`jpeft.models.atomic.atomic_path`: written to a temporary
+name in the target directory, fsynced, renamed, with the umask's permissions.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import os
 import re
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.typing import DTypeLike
 
-from jpeft.models.atomic import atomic_path
+from jpeft.models.atomic import atomic_path, write_json
 from jpeft.models.config import LlamaConfig
 from jpeft.models.hf_names import check_placed, tensor_slots
 from jpeft.models.linear import dense
@@ -80,14 +80,14 @@ def save_pretrained(
     written = set(shards)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _write_json(os.path.join(path, "model.safetensors.index.json"), index)
+        write_json(os.path.join(path, "model.safetensors.index.json"), index)
         written.add("model.safetensors.index.json")
     for stale in os.listdir(path):
         if _SHARD.fullmatch(stale) and stale not in written:
             os.remove(os.path.join(path, stale))
     hf_config = cfg.to_hf()
     hf_config["dtype"] = np.dtype(specs[0][2]).name
-    _write_json(os.path.join(path, "config.json"), hf_config)
+    write_json(os.path.join(path, "config.json"), hf_config)
     for src in tokenizer_files:
         dst = os.path.join(path, os.path.basename(src))
         if not (os.path.exists(dst) and os.path.samefile(src, dst)):
@@ -149,12 +149,6 @@ def _parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"max_shard_size={size!r} must be positive")
     return value
-
-
-def _write_json(final: str, obj: dict) -> None:
-    with atomic_path(final) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def _tokenizer_files(src: str) -> list[str]:

@@ -15,9 +15,8 @@ from jpeft.models import hooks
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import dense, linear
+from jpeft.models.pytree import Params
 from jpeft.models.rope import apply_rotary
-
-Params = dict[str, Any]
 
 
 def rms_norm(scale: Any, x: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:
@@ -48,8 +47,9 @@ def self_attention(
 
     ``kv`` carries this layer's optional extras: ``cache_k/cache_v`` with the
     write position ``length`` (decoding), ``prefix_k/prefix_v`` (prepended
-    keys/values), and ``adaption`` (a LLaMA-Adapter node). Returns the output and
-    the updated cache entries.
+    keys/values), and ``nodes`` (this layer's slice of every ``per_layer`` PEFT node,
+    each asked for its :func:`jpeft.models.hooks.adaption_output`). Returns the output
+    and the updated cache entries.
     """
     b, t, _ = x.shape
     heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -73,8 +73,10 @@ def self_attention(
         q, k, v, mask=mask[:, None], scale=d**-0.5, implementation=attention_impl
     )
     out = linear(p["o_proj"], out.reshape(b, t, heads * d), ctx, "o_proj")
-    if "adaption" in kv:
-        out = out + hooks.adaption_output(kv["adaption"], q, p, ctx).astype(out.dtype)
+    for layer_node in kv.get("nodes", {}).values():
+        added = hooks.adaption_output(layer_node, q, p, ctx)
+        if added is not None:
+            out = out + added.astype(out.dtype)
     return out, updated
 
 
@@ -92,10 +94,10 @@ def decoder_layer(
     h = rms_norm(p["input_layernorm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)
     h, updated = self_attention(p["self_attn"], h, rope, mask, cfg, ctx, kv, attention_impl)
     if "adapter_attn" in p:
-        h = hooks.adapter(p["adapter_attn"], h, ctx, "adapter_attn")
+        h = hooks.adapter_output(p["adapter_attn"], h, ctx, "adapter_attn")
     x = x + h
     h = rms_norm(p["post_attention_layernorm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)
     h = mlp(p["mlp"], h, ctx)
     if "adapter_mlp" in p:
-        h = hooks.adapter(p["adapter_mlp"], h, ctx, "adapter_mlp")
+        h = hooks.adapter_output(p["adapter_mlp"], h, ctx, "adapter_mlp")
     return x + h, updated

@@ -2,12 +2,15 @@
 
 A projection's ``kernel`` is a *weight node*: a plain ``[in, out]`` array, or
 any pytree node a PEFT method put there (a LoRA wrapper, a packed NF4 weight,
-...). :func:`matmul` and :func:`dense` dispatch on the node's type; methods
-register their own implementations, so the model code never changes when a
-method is added::
+...). :func:`matmul` and :func:`dense` dispatch on the node's type: a
+:class:`jpeft.models.hooks.ParamNode` declares both as methods on its class, so the
+model code never changes when a method is added::
 
-    @matmul.register(MyNode)
-    def _(w: MyNode, x, ctx, name): ...
+    class MyWeight(jpeft.Node):
+        def matmul(self, x, ctx, name): ...
+        def dense(self): ...
+
+Other types may register implementations (``@matmul.register(T)``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models.context import Context
+from jpeft.models.hooks import ParamNode
 
 
 @functools.singledispatch
@@ -44,6 +48,16 @@ def dense(w: Any) -> jax.Array:
         (2, 2)
     """
     return jnp.asarray(w)
+
+
+@matmul.register(ParamNode)
+def _matmul_node(w: ParamNode, x: jax.Array, ctx: Context, name: str) -> jax.Array:
+    return w.matmul(x, ctx, name)
+
+
+@dense.register(ParamNode)
+def _dense_node(w: ParamNode) -> jax.Array:
+    return w.dense()
 
 
 def linear(p: dict[str, Any], x: jax.Array, ctx: Context, name: str) -> jax.Array:

@@ -1,16 +1,9 @@
 """The LLaMA decoder as a pure function of a params pytree, and its Flax module.
 
-Params layout (layer entries carry a leading ``num_hidden_layers`` axis)::
-
-    embed_tokens/embedding          [vocab, hidden]
-    layers/input_layernorm/scale    [L, hidden]
-    layers/self_attn/{q,k,v,o}_proj/kernel (+bias)   [L, in, out]
-    layers/post_attention_layernorm/scale
-    layers/mlp/{gate,up,down}_proj/kernel (+bias)
-    norm/scale                      [hidden]
-    lm_head/kernel                  [hidden, vocab]   (absent when tied)
-
-plus optional PEFT entries read through :mod:`jpeft.models.hooks`.
+The params layout (every leaf's path, shape, logical axes and HF name) is
+:data:`jpeft.models.param_spec.LAYOUT`, printed by :func:`jpeft.models.param_spec.describe`;
+entries under ``layers`` carry a leading ``num_hidden_layers`` axis. PEFT methods add
+optional entries read through :mod:`jpeft.models.hooks`.
 """
 
 from __future__ import annotations
@@ -21,15 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jpeft.models import hooks
+from jpeft.models import hooks, param_spec
 from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.layers import decoder_layer, rms_norm
 from jpeft.models.linear import dense, linear
+from jpeft.models.pytree import Params, put_path
 from jpeft.models.rope import rotary_tables
-
-Params = dict[str, Any]
 
 REMAT_POLICIES = {
     "none": None,
@@ -78,24 +70,16 @@ def forward(
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
     mask = mask.astype(jnp.int32)
     x = dense(params["embed_tokens"]["embedding"])[input_ids].astype(ctx.dtype)
-
-    n_prompt = 0
-    if "prompt" in params and (cache is None or not cache.started):
-        if segment_ids is not None:
-            raise ValueError("soft prompts cannot be combined with packed rows (segment_ids)")
-        prompt = hooks.prompt_embeddings(params["prompt"], b, ctx).astype(ctx.dtype)
-        n_prompt = prompt.shape[1]
-        x = jnp.concatenate([prompt, x], axis=1)
-        mask = jnp.concatenate([jnp.ones((b, n_prompt), jnp.int32), mask], axis=1)
-        if position_ids is not None:
-            virtual = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
-            position_ids = jnp.concatenate([virtual, position_ids + n_prompt], axis=1)
+    peft = hooks.method_inputs(params, b, ctx, prefill=cache is None or not cache.started)
+    x, mask, position_ids, n_prompt = _prepend_prompt(
+        peft.prompt, x, mask, position_ids, segment_ids
+    )
 
     extras: dict[str, jax.Array] = {}
     n_prefix = 0
-    if "prefix" in params:
-        extras["prefix_k"], extras["prefix_v"] = hooks.prefix_key_values(params["prefix"], b, ctx)
-        n_prefix = extras["prefix_k"].shape[2]
+    if peft.prefix is not None:
+        extras["prefix_k"], extras["prefix_v"] = peft.prefix
+        n_prefix = peft.prefix[0].shape[2]
 
     past = 0 if cache is None else jnp.sum(cache.mask, axis=1, keepdims=True)
     if position_ids is None:
@@ -116,9 +100,8 @@ def forward(
             [jnp.ones((b, attn_mask.shape[1], n_prefix), bool), attn_mask], axis=2
         )
 
-    x, updated = _run_layers(
-        params, cfg, x, rope, attn_mask, extras, cache, ctx, remat, attention_impl
-    )
+    per_layer = {"layer": params["layers"], "nodes": peft.per_layer, **extras}
+    x, updated = _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention_impl)
     x = rms_norm(params["norm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)[:, n_prompt:]
     if cfg.tie_word_embeddings:
         logits = x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
@@ -136,6 +119,27 @@ def forward(
     return logits, new_cache
 
 
+def _prepend_prompt(
+    prompt: jax.Array | None,
+    x: jax.Array,
+    mask: jax.Array,
+    position_ids: jax.Array | None,
+    segment_ids: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
+    """Virtual tokens ``prompt [B, n, H]`` before ``x``: ``(x, mask, position_ids, n)``."""
+    if prompt is None:
+        return x, mask, position_ids, 0
+    if segment_ids is not None:
+        raise ValueError("soft prompts cannot be combined with packed rows (segment_ids)")
+    b, n = prompt.shape[:2]
+    x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
+    mask = jnp.concatenate([jnp.ones((b, n), jnp.int32), mask], axis=1)
+    if position_ids is not None:
+        virtual = jnp.broadcast_to(jnp.arange(n), (b, n))
+        position_ids = jnp.concatenate([virtual, position_ids + n], axis=1)
+    return x, mask, position_ids, n
+
+
 def _causal_mask(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     t = valid.shape[1]
     allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (valid[:, None, :] > 0)
@@ -151,39 +155,31 @@ def _cached_mask(slot_valid: jax.Array, length: jax.Array, t: int) -> jax.Array:
     return causal[None] & (slot_valid[:, None, :] > 0)
 
 
-def _run_layers(params, cfg, x, rope, attn_mask, extras, cache, ctx, remat, attention_impl):
-    """Scan the stacked layers; a LLaMA-Adapter node splits the stack in two segments."""
-    layers = params["layers"]
-    n_layers = cfg.num_hidden_layers
-    per_layer = {"layer": layers, "index": jnp.arange(n_layers), **extras}
-    adaption = params.get("adaption")
-    n_top = 0 if adaption is None else jax.tree.leaves(adaption)[0].shape[0]
+def _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention_impl):
+    """One scan over all layers; ``per_layer`` holds the layer params and every per-layer input.
+
+    ``per_layer["layer"]`` are the stacked layer params, ``per_layer["nodes"]`` the
+    PEFT nodes with a leading layer axis, and the rest (prefix or cache keys/values)
+    per-layer arrays; each step gets the slice of all of them for its layer.
+    """
+    xs = {**per_layer, "index": jnp.arange(cfg.num_hidden_layers)}
 
     def body(h, xs):
         kv = {k: v for k, v in xs.items() if k not in ("layer", "index")}
         if cache is not None:
             kv["length"] = cache.length
-        h, updated = decoder_layer(
-            xs["layer"], h, rope, attn_mask, cfg, ctx.for_layer(xs["index"]), kv, attention_impl
-        )
-        return h, updated
+        ctx_layer = ctx.for_layer(xs["index"])
+        return decoder_layer(xs["layer"], h, rope, attn_mask, cfg, ctx_layer, kv, attention_impl)
 
-    policy = REMAT_POLICIES[remat]
     if remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-
-    split = n_layers - n_top
-    bottom = jax.tree.map(lambda a: a[:split], per_layer)
-    x, updated = jax.lax.scan(body, x, bottom)
-    if n_top:
-        top = jax.tree.map(lambda a: a[split:], per_layer)
-        x, updated_top = jax.lax.scan(body, x, {**top, "adaption": adaption})
-        updated = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), updated, updated_top)
-    return x, updated
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, xs)
 
 
 def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32) -> Params:
-    """Random base params (normal std 0.02, unit norms), as HF initializes LLaMA.
+    """Random base params (normal std 0.02, unit norms, zero biases), as HF initializes LLaMA.
+
+    Every leaf comes from its :class:`jpeft.models.param_spec.ParamSpec`.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -191,42 +187,11 @@ def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32
         >>> init_params(jax.random.key(0), cfg)["layers"]["mlp"]["up_proj"]["kernel"].shape
         (2, 16, 32)
     """
-    n, h, d = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim
-    q_out, kv_out = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    shapes = {
-        "q_proj": (h, q_out, cfg.attention_bias),
-        "k_proj": (h, kv_out, cfg.attention_bias),
-        "v_proj": (h, kv_out, cfg.attention_bias),
-        "o_proj": (q_out, h, cfg.attention_bias),
-        "gate_proj": (h, cfg.intermediate_size, cfg.mlp_bias),
-        "up_proj": (h, cfg.intermediate_size, cfg.mlp_bias),
-        "down_proj": (cfg.intermediate_size, h, cfg.mlp_bias),
-    }
-    names = [*shapes, "embed", "head"]
-    keys = dict(zip(names, jax.random.split(key, len(names)), strict=True))
-
-    def proj(name: str) -> Params:
-        fan_in, fan_out, bias = shapes[name]
-        p = {"kernel": 0.02 * jax.random.normal(keys[name], (n, fan_in, fan_out), dtype)}
-        if bias:
-            p["bias"] = jnp.zeros((n, fan_out), dtype)
-        return p
-
-    params: Params = {
-        "embed_tokens": {
-            "embedding": 0.02 * jax.random.normal(keys["embed"], (cfg.vocab_size, h), dtype)
-        },
-        "layers": {
-            "input_layernorm": {"scale": jnp.ones((n, h), dtype)},
-            "self_attn": {name: proj(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
-            "post_attention_layernorm": {"scale": jnp.ones((n, h), dtype)},
-            "mlp": {name: proj(name) for name in ("gate_proj", "up_proj", "down_proj")},
-        },
-        "norm": {"scale": jnp.ones((h,), dtype)},
-    }
-    if not cfg.tie_word_embeddings:
-        head = 0.02 * jax.random.normal(keys["head"], (h, cfg.vocab_size), dtype)
-        params["lm_head"] = {"kernel": head}
+    drawn = param_spec.random_leaves()
+    keys = dict(zip(drawn, jax.random.split(key, len(drawn)), strict=True))
+    params: Params = {}
+    for spec in param_spec.specs(cfg):
+        put_path(params, spec.path, spec.initial(keys.get(spec), cfg, dtype))
     return params
 
 

@@ -10,12 +10,13 @@ up one packed weight and turns them into a weight node, without requantizing;
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
+
+from jpeft.models.files import read_json
 
 
 class PackedFormat(Protocol):
@@ -57,8 +58,8 @@ def packed_format(path: str) -> PackedFormat | None:
         ValueError: ``config.json`` has a ``quantization_config`` whose ``quant_method``
             has no registered format, or whose settings it does not support.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f).get("quantization_config")
+    raw = read_json(os.path.join(path, "config.json"))
+    config = raw.get("quantization_config") if isinstance(raw, dict) else None
     if config is None:
         return None
     method = config.get("quant_method") if isinstance(config, dict) else None

@@ -21,8 +21,25 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jpeft.models.tokenizer import LLAMA2_CHAT_TEMPLATE, render_chat_template
+from jpeft.models.chat_template import render
 
+# The LLaMA-2 [INST] convention (meta-llama/Llama-2-7b-chat-hf's, with `trim` on every turn).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('LLaMA-2 chat roles must alternate user/assistant after an optional"
+    " system message') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{% set content = message['content'] | trim %}"
+    "{% if loop.index0 == 0 and system %}"
+    "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content %}{% endif %}"
+    "{{ bos_token + '[INST] ' + content + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+NO_SPECIAL_TOKENS = {"bos_token": "", "eos_token": ""}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 # GPT-2's split pattern, except that a digit never joins another digit.
 SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -55,7 +72,8 @@ def training_texts(data_dir: str) -> Iterator[str]:
                 {"role": "user", "content": record["prompt"]},
                 {"role": "assistant", "content": record["response"]},
             ]
-            yield render_chat_template(LLAMA2_CHAT_TEMPLATE, messages, engine="builtin")
+            # without BOS/EOS text: the trainer must not learn merges across special tokens
+            yield render(LLAMA2_CHAT_TEMPLATE, messages, special_tokens=NO_SPECIAL_TOKENS).text
 
 
 def tokenizer_config() -> dict:

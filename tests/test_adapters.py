@@ -42,7 +42,7 @@ def _torch_reference(base, params, cfg, method, ids):
     for position in method.positions:
         node = params["layers"][f"adapter_{position}"]
         for i, layer in enumerate(model.model.layers):
-            if node.active[i].item() == 0:
+            if node.layer_mask[i].item() == 0:
                 continue
             w = {f: torch.tensor(np.asarray(getattr(node, f)[i])) for f in node.trainable_fields}
 

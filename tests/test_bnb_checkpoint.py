@@ -136,6 +136,11 @@ def _custom_map(tensors, config):
     tensors[f"{KEY}.quant_map"] = tensors[f"{KEY}.quant_map"] * 2
 
 
+def _nan_absmax(tensors, config):
+    tensors[f"{KEY}.nested_absmax"] = tensors[f"{KEY}.nested_absmax"].copy()
+    tensors[f"{KEY}.nested_absmax"][0] = np.nan
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -144,6 +149,7 @@ def _custom_map(tensors, config):
         (_drop("absmax"), f"missing tensor '{KEY}.absmax'"),
         (_wrong_shape, f"{KEY}: quant_state .* does not match"),
         (_custom_map, f"{KEY}.quant_map: not the standard"),
+        (_nan_absmax, f"model.safetensors: tensor '{KEY}.nested_absmax' holds non-finite .*1 NaN"),
         (_eight_bit, "only bitsandbytes 4-bit"),
         (_unknown_method, "quant_method='gptq' has no registered reader"),
         (_one_layer_dense, r"up_proj is quantized in layers \[0\] only"),
@@ -154,6 +160,7 @@ def _custom_map(tensors, config):
         "no_absmax",
         "wrong_shape",
         "custom_map",
+        "nan_absmax",
         "eight_bit",
         "unknown_method",
         "one_layer_dense",

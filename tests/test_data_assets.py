@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jpeft.models.tokenizer import Tokenizer
-from jpeft.train.data import encode_records, read_documents, read_jsonl
+from jpeft.train.data import encode_records, read_documents, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "data"
@@ -17,7 +17,7 @@ TOKENIZER_DIR = ROOT / "assets" / "tiny-llama"
 
 
 def test_task_data_sizes_and_disjoint_split():
-    train, held_out = read_jsonl(DATA / "train.jsonl"), read_jsonl(DATA / "eval.jsonl")
+    train, held_out = read_records(DATA / "train.jsonl"), read_records(DATA / "eval.jsonl")
     assert (len(train), len(held_out)) == (2000, 200)
     prompts = [r.prompt for r in train + held_out]
     assert len(set(prompts)) == len(prompts)
@@ -35,10 +35,10 @@ def test_corpus_does_not_contain_the_task():
 
 def test_examples_are_short():
     tok = Tokenizer.from_dir(TOKENIZER_DIR)
-    lengths = [len(e) for e in encode_records(tok, read_jsonl(DATA / "train.jsonl"))]
+    lengths = [len(e) for e in encode_records(tok, read_records(DATA / "train.jsonl"))]
     assert max(lengths) <= 32
     assert 1000 <= tok.vocab_size <= 2048
-    targets = encode_records(tok, read_jsonl(DATA / "eval.jsonl"))[0].loss_mask.sum()
+    targets = encode_records(tok, read_records(DATA / "eval.jsonl"))[0].loss_mask.sum()
     assert 5 <= targets <= 7  # 3-5 digits, the space before </s>, and </s>
     assert np.mean(lengths) > 15
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jpeft.models.tokenizer import LLAMA3_CHAT_TEMPLATE, Tokenizer
+from jpeft.models.tokenizer import Tokenizer
 from jpeft.train.data import (
     Example,
     Record,
@@ -13,10 +13,11 @@ from jpeft.train.data import (
     encode_record,
     fit_length,
     generation_prompt,
-    record_chunks,
+    render_record,
 )
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-llama"
+LLAMA31_TEMPLATE = (Path(__file__).parent / "fixtures" / "llama-3.1-instruct.jinja").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,10 @@ def test_chat_masks_every_assistant_turn(tok):
             {"role": "assistant", "content": "see you"},
         ]
     )
-    chunks = record_chunks(tok, record)
-    assert "".join(text for text, _ in chunks) == tok.apply_chat_template(record.messages)
-    assert [text for text, target in chunks if target] == [" hi there </s>", " see you </s>"]
+    rendered = render_record(tok, record)
+    assert rendered.text == tok.apply_chat_template(record.messages)
+    targets = [rendered.text[s:e] for s, e in rendered.targets]
+    assert targets == [" hi there </s>", " see you </s>"]
     ex = encode_record(tok, record)
     assert _targets(tok, ex) == " hi there </s> see you </s>"
     assert tok.decode(generation_prompt(tok, record)).endswith("[INST] bye [/INST]")
@@ -67,7 +69,7 @@ def test_chat_masks_every_assistant_turn(tok):
 
 def test_llama3_template_masks_content_and_eot(tok):
     llama3 = Tokenizer(
-        tok.backend, bos_token="<s>", eos_token="</s>", chat_template=LLAMA3_CHAT_TEMPLATE
+        tok.backend, bos_token="<s>", eos_token="</s>", chat_template=LLAMA31_TEMPLATE
     )
     ex = encode_record(llama3, Record(prompt="2 + 2 =", response="4"))
     assert _targets(llama3, ex) == "4<|eot_id|>"

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from jpeft.train.data import Record, read_jsonl, split_eval
+from jpeft.train.data import Record, read_records, split_eval
 
 
 def _write(tmp_path, lines):
@@ -20,7 +20,7 @@ GOOD = json.dumps({"prompt": "p", "response": "r"})
 def test_reads_both_forms_and_skips_blank_lines(tmp_path):
     chat = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
     path = _write(tmp_path, [GOOD, "", json.dumps({**chat, "id": 7})])
-    records = read_jsonl(path)
+    records = read_records(path)
     assert [r.is_chat for r in records] == [False, True]
     assert records[1].source == f"{path}:3"
     assert records[1].messages[1]["content"] == "a"
@@ -44,14 +44,14 @@ def test_reads_both_forms_and_skips_blank_lines(tmp_path):
 def test_malformed_line_names_file_and_line(tmp_path, bad, what):
     path = _write(tmp_path, [GOOD, "", GOOD, bad, GOOD])
     with pytest.raises(ValueError, match=re.escape(f"{path}:4: ") + ".*" + re.escape(what)):
-        read_jsonl(path)
+        read_records(path)
 
 
 def test_empty_file_is_an_error(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no records"):
-        read_jsonl(path)
+        read_records(path)
 
 
 def test_eval_split_is_deterministic_and_disjoint():

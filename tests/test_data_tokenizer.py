@@ -4,12 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from jpeft.models.tokenizer import (
-    LLAMA2_CHAT_TEMPLATE,
-    LLAMA3_CHAT_TEMPLATE,
-    Tokenizer,
-    render_chat_template,
-)
+from jpeft.models.tokenizer import Tokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-llama"
 TEXTS = [
@@ -52,9 +47,9 @@ def test_special_tokens(tok, hf_tok):
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_decode_match_transformers(tok, hf_tok, text):
     assert tok.encode(text) == hf_tok(text)["input_ids"]
-    assert tok.encode(text, add_bos=False) == hf_tok(text, add_special_tokens=False)["input_ids"]
-    ids = tok.encode(text, add_eos=True)
-    assert ids[-1] == tok.eos_id
+    plain = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.encode(text, add_special_tokens=False) == plain
+    ids = [*tok.encode(text), tok.eos_id]
     for skip in (True, False):
         assert tok.decode(ids, skip_special=skip) == hf_tok.decode(ids, skip_special_tokens=skip)
     assert tok.encode_batch([text, text]) == [tok.encode(text)] * 2
@@ -66,7 +61,7 @@ def test_round_trip_is_lossless(tok):
 
 
 def test_digits_are_single_tokens(tok):
-    pieces = [tok.decode([i]) for i in tok.encode("x 2024 and 7", add_bos=False)]
+    pieces = [tok.decode([i]) for i in tok.encode("x 2024 and 7", add_special_tokens=False)]
     assert pieces == ["x", " 2", "0", "2", "4", " and", " 7"]
 
 
@@ -78,37 +73,17 @@ def test_chat_template_matches_transformers(tok, hf_tok, messages, gen):
     assert ours == theirs
 
 
-@pytest.mark.parametrize("template", [LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE])
-@pytest.mark.parametrize("messages", CHATS)
-@pytest.mark.parametrize("gen", [False, True])
-def test_builtin_renderers_equal_jinja(template, messages, gen):
-    kwargs = dict(bos_token="<s>", eos_token="</s>", add_generation_prompt=gen)
-    jinja = render_chat_template(template, messages, engine="jinja", **kwargs)
-    builtin = render_chat_template(template, messages, engine="builtin", **kwargs)
-    assert jinja == builtin
-
-
-def test_llama_conventions():
-    chat = CHATS[2]
-    assert render_chat_template(LLAMA2_CHAT_TEMPLATE, chat, bos_token="<s>", eos_token="</s>") == (
+def test_llama2_convention(tok):
+    assert tok.apply_chat_template(CHATS[2]) == (
         "<s>[INST] <<SYS>>\nAnswer with digits.\n<</SYS>>\n\ntwo plus two [/INST] 4 </s>"
         "<s>[INST] and three? [/INST]"
     )
-    llama3 = render_chat_template(
-        LLAMA3_CHAT_TEMPLATE, chat[1:3], bos_token="<|begin_of_text|>", add_generation_prompt=True
-    )
-    assert llama3 == (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\ntwo plus two<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
 
 
-@pytest.mark.parametrize("engine", ["jinja", "builtin"])
-def test_llama2_roles_must_alternate(engine):
+def test_llama2_roles_must_alternate(tok):
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(ValueError, match="alternate"):
-        render_chat_template(LLAMA2_CHAT_TEMPLATE, bad, engine=engine)
+        tok.apply_chat_template(bad)
 
 
 def test_errors(tmp_path, tok):
@@ -116,9 +91,7 @@ def test_errors(tmp_path, tok):
         Tokenizer.from_dir(tmp_path)
     with pytest.raises(ValueError, match="no chat_template"):
         Tokenizer(tok.backend).apply_chat_template(CHATS[0])
-    with pytest.raises(ValueError, match="neither the LLaMA-2"):
-        render_chat_template("{{ messages }}", CHATS[0], engine="builtin")
     with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
         Tokenizer(tok.backend, bos_token="<|begin_of_text|>")
-    with pytest.raises(ValueError, match="content"):
-        tok.apply_chat_template([{"role": "user"}])
+    with pytest.raises(ValueError, match="expected a mapping"):
+        tok.apply_chat_template(["hi"])

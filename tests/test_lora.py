@@ -199,7 +199,7 @@ def test_adapter_name_makes_no_difference(params, cfg):
     a = randomize(LORA.init(jax.random.key(1), params, cfg))
     b = randomize(named.init(jax.random.key(1), params, cfg))
     jax.tree.map(np.testing.assert_array_equal, jpeft.merge(a), jpeft.merge(b))
-    ta, tb = LORA.peft_tensors(a, cfg), named.peft_tensors(b, cfg)
+    ta, tb = LORA.adapter_tensors(a, cfg), named.adapter_tensors(b, cfg)
     assert ta.keys() == tb.keys()
     jax.tree.map(np.testing.assert_array_equal, ta, tb)
 

@@ -139,9 +139,9 @@ def test_merging_two_active_adapters(v_layer, cfg):
 def test_mixed_batch_matches_peft(params, cfg, rows, tmp_path):
     ids, mask = rows
     model = peft.get_peft_model(
-        hf_twin(params, cfg), peft.LoraConfig(**A.peft_config(cfg)), adapter_name="x"
+        hf_twin(params, cfg), peft.LoraConfig(**A.adapter_config(cfg)), adapter_name="x"
     )
-    model.add_adapter("y", peft.LoraConfig(**B.peft_config(cfg)))
+    model.add_adapter("y", peft.LoraConfig(**B.adapter_config(cfg)))
     randomize_peft(model)
     model.save_pretrained(tmp_path)  # non-default adapter names go to sub-directories
     # (peft refuses mixed batches with DoRA; ours are checked against separate runs above)

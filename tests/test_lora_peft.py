@@ -90,7 +90,7 @@ def test_our_adapter_loads_in_peft_with_equal_logits(params, cfg, batch, tmp_pat
 
 def test_layers_to_transform_writes_only_those_layers(params, cfg):
     method = LoRA(r=4, targets=("q_proj", "up_proj"), layers_to_transform=(1,), use_dora=True)
-    tensors = method.peft_tensors(method.init(jax.random.key(1), params, cfg), cfg)
+    tensors = method.adapter_tensors(method.init(jax.random.key(1), params, cfg), cfg)
     assert len(tensors) == 6 and all(".layers.1." in k for k in tensors)
 
 

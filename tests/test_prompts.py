@@ -109,9 +109,9 @@ def test_bad_use_raises():
     adapted = jpeft.PromptTuning(num_virtual_tokens=N).init(jax.random.key(0), params, cfg)
     with pytest.raises(ValueError, match="already hold a 'prompt'"):
         jpeft.PTuning(num_virtual_tokens=N).init(jax.random.key(0), adapted, cfg)
-    config = jpeft.PromptTuning(num_virtual_tokens=N).peft_config(tiny_config(hidden_size=48))
+    config = jpeft.PromptTuning(num_virtual_tokens=N).adapter_config(tiny_config(hidden_size=48))
     with pytest.raises(ValueError, match="token_dim=48, the model has 32"):
-        jpeft.PromptTuning.from_peft(config, {}, params, cfg)
+        jpeft.PromptTuning.from_adapter(config, {}, params, cfg)
 
 
 def test_task_ids_are_checked():
@@ -238,15 +238,15 @@ def _is_tuple(x):
 def test_peft_config_keys_for_gqa_prefix():
     cfg, params, _, _ = _setup("gqa")
     method = jpeft.PrefixTuning(num_virtual_tokens=N)
-    config = method.peft_config(cfg)
+    config = method.adapter_config(cfg)
     kv_dim = cfg.num_key_value_heads * cfg.head_dim
     assert config["token_dim"] == kv_dim == config["encoder_hidden_size"]
     assert config["num_attention_heads"] == cfg.num_key_value_heads
     assert config["num_transformer_submodules"] == 1 and config["prefix_projection"] is True
-    table = method.peft_tensors(method.init(jax.random.key(0), params, cfg), cfg)
+    table = method.adapter_tensors(method.init(jax.random.key(0), params, cfg), cfg)
     assert table["prompt_embeddings"].shape == (N, cfg.num_hidden_layers * 2 * kv_dim)
     # PTuningV2 is prefix tuning without reparameterization, exported as PREFIX_TUNING
-    v2 = jpeft.PTuningV2(num_virtual_tokens=N).peft_config(cfg)
+    v2 = jpeft.PTuningV2(num_virtual_tokens=N).adapter_config(cfg)
     assert v2["peft_type"] == "PREFIX_TUNING" and v2["prefix_projection"] is False
 
 

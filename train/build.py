@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 import jpeft
 from jpeft.models import llama
 from jpeft.models.config import LlamaConfig
+from jpeft.models.pytree import Params
 from jpeft.models.tokenizer import Tokenizer
 from jpeft.optim import adamw_8bit, paged
 from jpeft.optim.groups import adamw, decay_mask, with_clipping
@@ -20,8 +21,6 @@ from jpeft.train import methods
 from jpeft.train.config import RunConfig
 from jpeft.train.sharding import sharded_train_step
 from jpeft.train.state import TrainState
-
-Params = dict[str, Any]
 
 
 def method(run: RunConfig, tokenizer: Tokenizer | None = None) -> jpeft.Method:

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jpeft.models.pytree import Tree
 from jpeft.train.state import TrainState
 
-Tree = Any
 FORMAT = 1
 
 

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from jpeft.train import config, methods
+from jpeft.train.data import formats as data_formats
 from jpeft.train.values import type_name
 
 EVAL_OPTIONS = ("eval_data", "seq_len", "packing", "eval_batch_size", "eval_samples")
-EVAL_OPTIONS += ("max_new_tokens", "mesh", "truncate")
-MODEL_OPTIONS = ("model", "dtype", "compute_dtype", "quantize")
+EVAL_OPTIONS += ("max_new_tokens", "mesh", "truncate", "data_format")
+MODEL_OPTIONS = ("model", "tokenizer", "dtype", "compute_dtype", "quantize")
 TRAIN_EPILOG = """\
 examples:
   jpeft train                                  # bundled model + task, LoRA, CPU, a few minutes
@@ -84,9 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     formatter = argparse.RawDescriptionHelpFormatter
-    train = command(
-        "train", _train, "fine-tune a model", epilog=TRAIN_EPILOG, formatter_class=formatter
-    )
+    epilog = f"{TRAIN_EPILOG}\n{data_formats.HELP}"
+    train = command("train", _train, "fine-tune a model", epilog=epilog, formatter_class=formatter)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     dist = train.add_argument_group("multi-process (multi-host) runs")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")

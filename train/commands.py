@@ -9,17 +9,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jpeft
 import jpeft.adapters  # registers the adapter methods for load_hf_adapter
 from jpeft.models import generate as gen
 from jpeft.models import hf
 from jpeft.models.config import LlamaConfig
+from jpeft.models.pytree import Params
 from jpeft.models.tokenizer import Tokenizer
 from jpeft.train import build, data
 from jpeft.train.checkpoint import Checkpointer
@@ -35,8 +34,6 @@ from jpeft.train.prepare import (
     packing,
 )
 from jpeft.train.sharding import make_mesh, tree_shardings
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +59,7 @@ def load_model(
         raise ValueError("give --adapter or --run, not both")
     if adapter and not os.path.isdir(adapter):
         raise FileNotFoundError(f"adapter directory not found: {adapter!r}")
-    path, cfg, tokenizer = load_config_and_tokenizer(run.model)
+    path, cfg, tokenizer = load_config_and_tokenizer(run.model, run.tokenizer)
     method = build.method(run, tokenizer) if run_dir else None
     base = load_weights(path, run)
     if adapter:
@@ -143,10 +140,7 @@ def generate(
             f"model's context ({model.cfg.max_position_embeddings})"
         )
     pad = tok.pad_id if tok.pad_id is not None else 0
-    ids = np.full((len(encoded), width), pad, np.int32)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(encoded):
-        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    ids, mask = gen.left_pad(encoded, pad)
     result = gen.generate(
         model.params,
         model.cfg,
@@ -179,7 +173,8 @@ def export(model: Model, out: str, merged: bool = False, dtype: str | None = Non
         if jax.process_count() > 1:
             params = to_host(params)
         if is_main():
-            hf.save_pretrained(out, model.cfg, params, dtype=dtype, tokenizer_dir=model.path)
+            tokenizer_dir = model.tokenizer.source or model.path
+            hf.save_pretrained(out, model.cfg, params, dtype=dtype, tokenizer_dir=tokenizer_dir)
         return "merged HF model"
     if model.method is None:
         raise ValueError("nothing to export as an adapter: give --adapter or --run")

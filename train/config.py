@@ -30,9 +30,11 @@ import yaml
 
 from jpeft import assets
 from jpeft.train import methods
+from jpeft.train.data.formats import FORMATS
 from jpeft.train.values import coerce
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", *FORMATS)
 
 
 def _opt(default: Any, group: str, help: str, choices: tuple | None = None) -> Any:
@@ -51,15 +53,26 @@ class RunConfig:
     """
 
     model: str = _opt("assets/tiny-llama", "model", "HF LLaMA model directory")
+    tokenizer: str | None = _opt(
+        None, "model", "directory with tokenizer.json (default: the model directory)"
+    )
     dtype: str = _opt("float32", "model", "dtype of the frozen base weights", DTYPES)
     compute_dtype: str = _opt("float32", "model", "dtype of activations and matmuls", DTYPES)
     quantize: str | None = _opt(
         None, "model", "quantize the base linears while loading (nf4); qlora does it anyway"
     )
     remat: str = _opt("none", "model", "rematerialize each layer", ("none", "full", "dots"))
-    train_data: str = _opt("assets/data/train.jsonl", "data", "JSONL instructions or text")
+    train_data: str = _opt(
+        "assets/data/train.jsonl", "data", "JSONL, JSON or Parquet records, or a text file"
+    )
     eval_data: str | None = _opt(
-        "assets/data/eval.jsonl", "data", "held-out JSONL ('none': split off the training data)"
+        "assets/data/eval.jsonl", "data", "held-out data file ('none': split off the training data)"
+    )
+    data_format: str = _opt(
+        "auto",
+        "data",
+        "record format (auto: from each record's keys; see jpeft train --help)",
+        DATA_FORMATS,
     )
     eval_fraction: float = _opt(0.1, "data", "held-out fraction when --eval-data is none")
     seq_len: int = _opt(64, "data", "tokens per row (at most the model's context)")

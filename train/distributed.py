@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-Tree = Any
+from jpeft.models.pytree import Tree
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:

@@ -1,9 +1,11 @@
 """Evaluation: held-out loss and perplexity, and task accuracy by greedy generation.
 
+The loss goes through :func:`jpeft.train.step.eval_step`, the same path as the API's.
 Accuracy is exact match (``jpeft.train.data.exact_match``) between the greedy continuation of
 each record's prompt, cut at the end-of-sequence token, and the record's reference
 answer. All prompts are left-padded to one length and batches keep one size, so each
-of the two programs compiles once per tree structure of the params.
+of the two programs compiles once per tree structure of the params. A multi-adapter or
+multi-task model is evaluated with one adapter or task for every row (``row_ids``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from jax.sharding import Mesh
 
 from jpeft.models import generate, llama
 from jpeft.models.config import LlamaConfig
-from jpeft.models.context import Context
+from jpeft.models.pytree import Params
 from jpeft.models.tokenizer import Tokenizer
+from jpeft.partition import split
 from jpeft.train import data
 from jpeft.train.distributed import local_rows, to_host
 from jpeft.train.sharding import shard_batch
-from jpeft.train.step import batch_loss
-
-Params = dict[str, Any]
+from jpeft.train.state import TrainState
+from jpeft.train.step import EXAMPLE_KEYS, eval_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,9 @@ class EvalResult:
 class Evaluator:
     """Evaluates params on fixed held-out data (batches built once, on the host).
 
+    ``row_ids`` (``{"task_ids": t}`` or ``{"adapter_ids": a}``) gives every row that
+    task or adapter, in the loss batches and in generation.
+
     Example:
         >>> ev = Evaluator(cfg, tok, examples, records, mesh=mesh, batch_size=32,
         ...                seq_len=64)  # doctest: +SKIP
@@ -86,10 +91,12 @@ class Evaluator:
         max_samples: int = 200,
         max_new_tokens: int | None = None,
         compute_dtype: Any = jnp.float32,
+        row_ids: dict[str, int] | None = None,
     ) -> None:
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.dtype = jnp.dtype(compute_dtype)
         self.batch_size = batch_size
+        self.row_ids = _row_ids(row_ids or {}, batch_size)
         self.loss_batches = []
         if examples:
             it = data.BatchIterator(
@@ -100,7 +107,7 @@ class Evaluator:
                 shuffle=False,
                 pad_id=_pad(tokenizer),
             )
-            self.loss_batches = list(it.epoch_batches())
+            self.loss_batches = [{**b, **self.row_ids} for b in it.epoch_batches()]
         self.records = list(records[:max_samples])
         self.prompts = [data.generation_prompt(tokenizer, r) for r in self.records]
         answers = [
@@ -108,31 +115,30 @@ class Evaluator:
             for r, p in zip(self.records, self.prompts, strict=True)
         ]
         self.max_new_tokens = max_new_tokens or max(answers, default=1) + 1
-        self._loss = jax.jit(self._loss_sums)
+        self.apply_fn = llama.Llama(cfg, dtype=self.dtype).apply
+        self._eval = jax.jit(eval_step)
 
     def generation_length(self) -> int:
         """Longest prompt plus ``max_new_tokens``: the context generation needs."""
         return max((len(p) for p in self.prompts), default=0) + self.max_new_tokens
 
-    def _loss_sums(self, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
-        kwargs = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
-        logits = llama.forward(
-            params,
-            self.cfg,
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            ctx=Context(self.dtype),
-            **kwargs,
-        )
-        return batch_loss(logits, batch)
-
     def loss(self, params: Params) -> tuple[float | None, float | None]:
         """``(mean target loss, perplexity)`` over the eval examples."""
         if not self.loss_batches:
             return None, None
+        trainable, frozen = split(params)
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            trainable=trainable,
+            opt_state=None,
+            rng=None,
+            apply_fn=self.apply_fn,
+            tx=None,
+        )  # what eval_step reads: the model and the trainable part
         total, count = 0.0, 0.0
         for batch in self.loss_batches:
-            s, n = to_host(self._loss(params, shard_batch(local_rows(batch), self.mesh)))
+            metrics = self._eval(state, frozen, shard_batch(local_rows(batch), self.mesh))
+            s, n = to_host((metrics["loss_sum"], metrics["tokens"]))
             total, count = total + float(s), count + float(n)
         mean = total / max(count, 1.0)
         return mean, math.exp(min(mean, 50.0))
@@ -148,7 +154,7 @@ class Evaluator:
         outputs = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = list(prompts[start : start + self.batch_size])
-            ids, mask = _left_pad(chunk, self.batch_size, width, _pad(self.tokenizer))
+            ids, mask = generate.left_pad(chunk, _pad(self.tokenizer), self.batch_size, width)
             result = generate.generate(
                 params,
                 self.cfg,
@@ -158,6 +164,7 @@ class Evaluator:
                 stop_tokens=_stops(self.tokenizer, self.cfg),
                 pad_token_id=_pad(self.tokenizer),
                 dtype=self.dtype,
+                **self.row_ids,
             )
             tokens, lengths = to_host((result.tokens, result.lengths))
             for row in range(len(chunk)):
@@ -191,14 +198,9 @@ def _stops(tokenizer: Tokenizer, cfg: LlamaConfig) -> tuple[int, ...]:
     return (tokenizer.eos_id,) if tokenizer.eos_id is not None else cfg.eos_ids
 
 
-def _left_pad(
-    prompts: list[Sequence[int]], rows: int, width: int, pad: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts right-aligned in ``[rows, width]``; missing rows hold one pad token."""
-    ids = np.full((rows, width), pad, np.int32)
-    mask = np.zeros((rows, width), np.int32)
-    for i in range(rows):
-        prompt = list(prompts[i]) if i < len(prompts) else [pad]
-        ids[i, width - len(prompt) :] = prompt
-        mask[i, width - len(prompt) :] = 1
-    return ids, mask
+def _row_ids(ids: dict[str, int], batch_size: int) -> dict[str, np.ndarray]:
+    """``{"adapter_ids" | "task_ids": int32 [batch_size]}``: one id for every row."""
+    unknown = sorted(set(ids) - set(EXAMPLE_KEYS))
+    if unknown:
+        raise ValueError(f"row_ids: unknown keys {unknown}; valid keys are {list(EXAMPLE_KEYS)}")
+    return {key: np.full((batch_size,), value, np.int32) for key, value in ids.items()}

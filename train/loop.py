@@ -60,7 +60,7 @@ def train(run: RunConfig, resume: str | None = None) -> Outcome:
         ('done', 3)
     """
     started_at = time.perf_counter()
-    path, cfg, tokenizer = load_config_and_tokenizer(run.model)
+    path, cfg, tokenizer = load_config_and_tokenizer(run.model, run.tokenizer)
     method = build.method(run, tokenizer)
     dataset = load_data(run, tokenizer, cfg)
     packed = packing(run)

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft.models import hf
 from jpeft.models.config import LlamaConfig
+from jpeft.models.pytree import Params
 from jpeft.models.tokenizer import Tokenizer
 from jpeft.train import data, methods
 from jpeft.train.config import RunConfig, resolve_path
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +44,13 @@ def model_dir(path: str) -> str:
     return resolved
 
 
-def load_config_and_tokenizer(path: str) -> tuple[str, LlamaConfig, Tokenizer]:
+def load_config_and_tokenizer(
+    path: str, tokenizer_dir: str | None = None
+) -> tuple[str, LlamaConfig, Tokenizer]:
     """``(resolved dir, config, tokenizer)`` of a model directory, without loading weights.
+
+    The tokenizer comes from ``tokenizer_dir`` (``--tokenizer``) when given, else from the
+    model directory.
 
     Example:
         >>> _, cfg, tok = load_config_and_tokenizer("assets/tiny-llama")
@@ -56,11 +59,21 @@ def load_config_and_tokenizer(path: str) -> tuple[str, LlamaConfig, Tokenizer]:
     """
     path = model_dir(path)
     cfg = LlamaConfig.from_json(path)
-    tokenizer = Tokenizer.from_dir(path)
+    where = resolve_path(tokenizer_dir) if tokenizer_dir is not None else path
+    if not os.path.isdir(where):
+        raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir!r}")
+    try:
+        tokenizer = Tokenizer.from_dir(where)
+    except FileNotFoundError as e:
+        fix = "another" if tokenizer_dir is not None else "the"
+        raise FileNotFoundError(
+            f"{e} Give {fix} directory holding the tokenizer.json with --tokenizer DIR "
+            "(or 'tokenizer' in the config file)."
+        ) from e
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
-            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
-            f"vocab_size {cfg.vocab_size}"
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size {cfg.vocab_size} ({path})"
         )
     return path, cfg, tokenizer
 
@@ -83,17 +96,13 @@ def load_weights(path: str, run: RunConfig) -> Params:
 
 
 def _qlora_quantizer(run: RunConfig) -> hf.Quantizer:
-    from jpeft import quant
-
     qlora = methods.build(run.method, run.options(), None)
     if qlora.quant_type != run.quantize:
         raise ValueError(
             f"--quantize {run.quantize} conflicts with --qlora-quant-type {qlora.quant_type}; "
             "drop --quantize (qlora quantizes anyway) or make them agree"
         )
-    return lambda kernel, module: quant.quantize(
-        kernel, qlora.quant_type, qlora.blocksize, qlora.double_quant
-    )
+    return qlora.quantize
 
 
 def packing(run: RunConfig) -> bool:
@@ -114,8 +123,9 @@ def packing(run: RunConfig) -> bool:
 def load_data(run: RunConfig, tokenizer: Tokenizer, cfg: LlamaConfig) -> Dataset:
     """Read, split, tokenize and length-check the training and held-out data.
 
-    JSONL files hold instruction records; any other file is a text corpus (whose
-    held-out part has a loss but no accuracy).
+    Instruction records (any format of ``data.HELP``) are split by record and scored for
+    accuracy; text (a ``text`` format file or a plain-text corpus) is cut into pieces, and its
+    held-out part has a loss but no accuracy.
 
     Example:
         >>> ds = load_data(RunConfig(), tok, cfg)  # doctest: +SKIP
@@ -123,23 +133,22 @@ def load_data(run: RunConfig, tokenizer: Tokenizer, cfg: LlamaConfig) -> Dataset
         (1800, 200)
     """
     check_seq_len(run, cfg)
-    train_path = _data_file(run.train_data, "train_data")
+    records = data.read_data(_data_file(run.train_data, "train_data"), run.data_format)
     held_out: list[data.Example] = []
     eval_records: list[data.Record] = []
     if run.eval_data is not None:
         held_out, eval_records = load_held_out(run.eval_data, tokenizer, run)
-    if train_path.endswith(".jsonl"):
-        records = data.read_jsonl(train_path)
-        if run.eval_data is None:
-            records, eval_records = data.split_eval(records, run.eval_fraction, run.seed)
-            held_out = _encode(tokenizer, eval_records, run)
+    if records[0].kind == "text":
         train = _encode(tokenizer, records, run)
-    else:
-        train = data.load_examples(train_path, tokenizer, run.seq_len, run.truncate)
         if run.eval_data is None:
             order = np.random.default_rng(run.seed).permutation(len(train))
             cut = max(1, round(run.eval_fraction * len(train)))
             held_out, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+    else:
+        if run.eval_data is None:
+            records, eval_records = data.split_eval(records, run.eval_fraction, run.seed)
+            held_out = _encode(tokenizer, eval_records, run)
+        train = _encode(tokenizer, records, run)
     if not train:
         raise ValueError(f"{run.train_data}: no training examples left after the eval split")
     return Dataset(train, held_out, eval_records)
@@ -165,7 +174,7 @@ def check_seq_len(run: RunConfig, cfg: LlamaConfig) -> None:
 def load_held_out(
     path: str, tokenizer: Tokenizer, run: RunConfig
 ) -> tuple[list[data.Example], list[data.Record]]:
-    """``(examples, records)`` of an eval file; a text corpus has no records.
+    """``(examples, records)`` of an eval file; text has no records (no accuracy).
 
     Example:
         >>> tok = Tokenizer.from_dir("assets/tiny-llama")
@@ -173,16 +182,13 @@ def load_held_out(
         >>> len(examples) == len(records)
         True
     """
-    resolved = _data_file(path, "eval_data")
-    if resolved.endswith(".jsonl"):
-        records = data.read_jsonl(resolved)
-        return _encode(tokenizer, records, run), records
-    return data.load_examples(resolved, tokenizer, run.seq_len, run.truncate), []
+    records = data.read_data(_data_file(path, "eval_data"), run.data_format)
+    examples = _encode(tokenizer, records, run)
+    return examples, [] if records[0].kind == "text" else records
 
 
 def _encode(tokenizer: Tokenizer, records: list[data.Record], run: RunConfig) -> list:
-    examples = data.encode_records(tokenizer, records)
-    return data.fit_length(examples, run.seq_len, run.truncate)
+    return data.encode_records(tokenizer, records, run.seq_len, run.truncate)
 
 
 def _data_file(path: str, option: str) -> str:

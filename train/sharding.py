@@ -22,12 +22,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jpeft.models.pytree import Tree
 from jpeft.partition import combine
 from jpeft.sharding import is_axes, logical_axes
 from jpeft.train.state import TrainState
 from jpeft.train.step import Batch, train_step
 
-Tree = Any
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
 MESH_AXES = ("data", "fsdp", "tensor")

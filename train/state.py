@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-Tree = Any
+from jpeft.models.pytree import Tree
 
 
 @struct.dataclass

@@ -13,16 +13,15 @@ A batch is a dict of int32 arrays: ``input_ids``, ``attention_mask`` and
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jpeft.models.pytree import Tree
 from jpeft.partition import combine
 from jpeft.train.state import TrainState
 
-Tree = Any
 Batch = dict[str, jax.Array]
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "loss_mask")

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.method import Method, Params, register
-from jpeft.models import hooks
+from jpeft.adapter_files import NUMBER, AdapterConfig, AdapterTensors
+from jpeft.method import Method, register
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
-from jpeft.nodes import Node, node
+from jpeft.models.param_spec import module_name
+from jpeft.models.pytree import Params
+from jpeft.nodes import Node, adapted_layers, layer_mask, node
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -39,33 +42,35 @@ _FILE_NAMES = {
 
 
 @node(
-    trainable=("down", "down_bias", "up", "up_bias"), static=("activation", "scaling", "residual")
+    trainable=("down", "down_bias", "up", "up_bias"),
+    static=("activation", "scaling", "residual"),
+    decay=("down", "up"),
 )
 class BottleneckAdapter(Node):
     """Per-layer adapter weights with a leading layer axis ``L``.
 
-    ``active [L]`` (frozen, 0 or 1) switches the adapter off in layers it does not
-    apply to; their slots receive zero gradient and never change.
+    ``layer_mask [L]`` (frozen, :func:`jpeft.nodes.layer_mask`) switches the adapter off
+    in layers it does not apply to; their slots receive zero gradient and never
+    change. The matrices take weight decay, the biases do not.
     """
 
     down: jax.Array  # [L, hidden, bottleneck]
     down_bias: jax.Array  # [L, bottleneck]
     up: jax.Array  # [L, bottleneck, hidden]
     up_bias: jax.Array  # [L, hidden]
-    active: jax.Array  # [L]
+    layer_mask: jax.Array  # [L]
     activation: str
     scaling: float
     residual: bool
 
-
-@hooks.adapter.register(BottleneckAdapter)
-def _apply(node: BottleneckAdapter, h: jax.Array, ctx: Context, name: str) -> jax.Array:
-    dtype = ctx.dtype
-    z = h.astype(dtype) @ node.down.astype(dtype) + node.down_bias.astype(dtype)
-    z = ACTIVATIONS[node.activation](z)
-    delta = (z @ node.up.astype(dtype) + node.up_bias.astype(dtype)) * node.scaling
-    delta = delta * node.active.astype(dtype)
-    return h + delta if node.residual else delta + h * (1 - node.active.astype(dtype))
+    def adapter_output(self, h: jax.Array, ctx: Context, name: str) -> jax.Array:
+        """``h + scaling * up(act(down(h)))`` in this layer (``h`` itself where inactive)."""
+        dtype = ctx.dtype
+        z = h.astype(dtype) @ self.down.astype(dtype) + self.down_bias.astype(dtype)
+        z = ACTIVATIONS[self.activation](z)
+        delta = (z @ self.up.astype(dtype) + self.up_bias.astype(dtype)) * self.scaling
+        mask = self.layer_mask.astype(dtype)
+        return h + delta * mask if self.residual else delta * mask + h * (1 - mask)
 
 
 @register
@@ -126,39 +131,33 @@ class Adapter(Method):
             raise ValueError(f"Adapter: bottleneck width {width} must be positive")
         return width
 
-    def _active(self, cfg: LlamaConfig) -> np.ndarray:
-        n = cfg.num_hidden_layers
-        layers = range(n) if self.layers is None else self.layers
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"Adapter: layers {bad} out of range for {n} layers")
-        active = np.zeros(n, np.float32)
-        active[list(layers)] = 1.0
-        return active
+    def adapted_layers(self, cfg: LlamaConfig) -> tuple[int, ...]:
+        """The layers that get an adapter."""
+        return adapted_layers(self.layers, cfg.num_hidden_layers, "Adapter")
 
     def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
         n, hidden, width = cfg.num_hidden_layers, cfg.hidden_size, self.width(cfg)
-        active = jnp.asarray(self._active(cfg))
+        mask = layer_mask(self.layers, n, "Adapter")
         layers = dict(params["layers"])
-        for position, k in zip(self.positions, jax.random.split(key, 2), strict=False):
-            name = f"adapter_{position}"
-            if name in layers:
-                raise ValueError(f"Adapter: params already hold layers/{name}")
-            layers[name] = BottleneckAdapter(
+        for entry, k in zip(self.entries, jax.random.split(key, 2), strict=False):
+            if entry in layers:
+                raise ValueError(f"Adapter: params already hold layers/{entry}")
+            layers[entry] = BottleneckAdapter(
                 down=self.init_std * jax.random.normal(k, (n, hidden, width), jnp.float32),
                 down_bias=jnp.zeros((n, width), jnp.float32),
                 up=jnp.zeros((n, width, hidden), jnp.float32),
                 up_bias=jnp.zeros((n, hidden), jnp.float32),
-                active=active[:, None, None, None],
+                layer_mask=mask,
                 activation=self.activation,
                 scaling=self.scaling,
                 residual=self.residual,
             )
         return {**params, "layers": layers}
 
-    # -- jpeft's own adapter format (peft has no bottleneck adapters) -------------
+    # jpeft's own adapter files (peft has no bottleneck adapters): peft's directory
+    # layout with these config keys and one tensor per field, layer and position.
 
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type,
             "bottleneck": self.width(cfg),
@@ -171,57 +170,54 @@ class Adapter(Method):
             "hidden_size": cfg.hidden_size,
         }
 
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
         out = {}
-        for position in self.positions:
-            node_ = params["layers"][f"adapter_{position}"]
-            for i in np.flatnonzero(self._active(cfg)):
-                prefix = f"model.layers.{i}.adapter_{position}"
-                for field, (suffix, transposed) in _FILE_NAMES.items():
-                    array = np.asarray(getattr(node_, field)[i])
-                    out[f"{prefix}.{suffix}"] = array.T if transposed else array
+        for entry, i, field, key, transposed in self._file_slots(cfg):
+            array = np.asarray(getattr(params["layers"][entry], field)[i])
+            out[key] = array.T if transposed else array
         return out
 
     @classmethod
-    def from_peft(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
-        params: Params,
-        cfg: LlamaConfig,
+    def read_adapter(
+        cls, config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
     ) -> tuple[Adapter, Params]:
-        if config.get("hidden_size") != cfg.hidden_size:
+        hidden = config.require("hidden_size", int)
+        if hidden != cfg.hidden_size:
             raise ValueError(
-                f"adapter hidden_size={config.get('hidden_size')}, model has {cfg.hidden_size}"
+                f"{config.source}: hidden_size={hidden}, the model has {cfg.hidden_size}"
             )
+        layers = config.get("layers", list, items=int)
         method = cls(
-            bottleneck=int(config["bottleneck"]),
-            activation=config["activation"],
-            placement=tuple(config["placement"]),
-            residual=bool(config["residual"]),
-            scaling=float(config["scaling"]),
-            layers=None if config.get("layers") is None else tuple(config["layers"]),
+            bottleneck=config.require("bottleneck", int),
+            activation=config.require("activation", str),
+            placement=tuple(config.require("placement", list, items=str)),
+            residual=config.require("residual", bool),
+            scaling=float(config.require("scaling", NUMBER)),
+            layers=None if layers is None else tuple(layers),
         )
         params = method.init(jax.random.key(0), params, cfg)
+        fields = {
+            entry: {f: np.array(getattr(params["layers"][entry], f)) for f in _FILE_NAMES}
+            for entry in method.entries
+        }
+        for entry, i, field, key, transposed in method._file_slots(cfg):
+            slot = fields[entry][field][i]
+            found = tensors.take(key, slot.T.shape if transposed else slot.shape)
+            fields[entry][field][i] = found.T if transposed else found
         layers = dict(params["layers"])
-        for position in method.positions:
-            node_ = layers[f"adapter_{position}"]
-            fields = {f: np.array(getattr(node_, f)) for f in node_.trainable_fields}
-            for i in np.flatnonzero(method._active(cfg)):
-                prefix = f"model.layers.{i}.adapter_{position}"
-                for field, (suffix, transposed) in _FILE_NAMES.items():
-                    slot = fields[field][i].T if transposed else fields[field][i]
-                    found = _tensor(tensors, f"{prefix}.{suffix}", slot)
-                    fields[field][i] = found.T if transposed else found
-            arrays = {k: jnp.asarray(v) for k, v in fields.items()}
-            layers[f"adapter_{position}"] = dataclasses.replace(node_, **arrays)
+        for entry, arrays in fields.items():
+            arrays = {field: jnp.asarray(array) for field, array in arrays.items()}
+            layers[entry] = dataclasses.replace(layers[entry], **arrays)
         return method, {**params, "layers": layers}
 
+    @property
+    def entries(self) -> tuple[str, ...]:
+        """The ``layers/...`` entries this method adds: ``adapter_attn``, ``adapter_mlp``."""
+        return tuple(f"adapter_{position}" for position in self.positions)
 
-def _tensor(tensors: dict[str, np.ndarray], key: str, like: np.ndarray) -> np.ndarray:
-    if key not in tensors:
-        raise ValueError(f"adapter file: missing tensor {key!r}")
-    found = tensors[key]
-    if found.shape != like.shape:
-        raise ValueError(f"adapter file: {key!r} has shape {found.shape}, expected {like.shape}")
-    return found
+    def _file_slots(self, cfg: LlamaConfig) -> Iterator[tuple[str, int, str, str, bool]]:
+        """``(entry, layer, field, tensor name, stored transposed)`` of every file tensor."""
+        for entry in self.entries:
+            for i in self.adapted_layers(cfg):
+                for field, (suffix, transposed) in _FILE_NAMES.items():
+                    yield entry, i, field, f"{module_name(i, entry)}.{suffix}", transposed

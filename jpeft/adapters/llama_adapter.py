@@ -5,6 +5,10 @@ In each of the top ``adapter_layers`` layers a learnable prompt of
 The layer's rotated queries attend to it with a separate softmax, scaled by a
 zero-initialized gate; the result goes through ``o_proj`` and is added to the
 attention output. A zero gate means training starts from the base model.
+
+The node holds every layer (``layer_mask`` is 1 in the top ones only), so the
+forward pass scans all layers once; the adapter file holds the top layers' tensors
+only, as peft's.
 """
 
 from __future__ import annotations
@@ -16,39 +20,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.method import Method, Params, register
-from jpeft.models import hooks
+from jpeft.adapter_files import AdapterConfig, AdapterTensors, peft_module
+from jpeft.method import Method, register
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import linear
-from jpeft.nodes import Node, node
+from jpeft.models.pytree import Params
+from jpeft.nodes import Node, layer_mask, masked_layers, node
 
-_PEFT_PREFIX = "base_model.model.model.layers.{}.self_attn"
 
-
-@node(trainable=("prompt", "gate"))
+@node(trainable=("prompt", "gate"), decay=())
 class AdaptionPrompt(Node):
-    """Prompts ``[n_top, adapter_len, hidden]`` and gates ``[n_top, 1]`` of the top layers."""
+    """Prompts ``[L, adapter_len, hidden]`` and gates ``[L, 1]``, used where ``layer_mask [L]``.
+
+    Layers outside the mask (:func:`jpeft.nodes.layer_mask`) hold zeros that get zero
+    gradient. Nothing in it takes weight decay.
+    """
 
     prompt: jax.Array
     gate: jax.Array
+    layer_mask: jax.Array
 
+    per_layer: ClassVar[bool] = True
 
-@hooks.adaption_output.register(AdaptionPrompt)
-def _adaption_output(
-    node: AdaptionPrompt, q: jax.Array, attn: dict[str, Any], ctx: Context
-) -> jax.Array:
-    b, t, heads, d = q.shape
-    prompt = node.prompt.astype(ctx.dtype)  # [adapter_len, hidden] inside the scan
-    k = linear(attn["k_proj"], prompt, ctx, "k_proj").reshape(prompt.shape[0], -1, d)
-    v = linear(attn["v_proj"], prompt, ctx, "v_proj").reshape(prompt.shape[0], -1, d)
-    groups = heads // k.shape[1]
-    k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)  # [len, heads, d]
-    scores = jnp.einsum("bthd,lhd->bhtl", q, k.astype(q.dtype)) / np.sqrt(d)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    probs = node.gate.astype(q.dtype) * probs
-    out = jnp.einsum("bhtl,lhd->bthd", probs, v.astype(q.dtype)).reshape(b, t, heads * d)
-    return linear(attn["o_proj"], out, ctx, "o_proj")
+    def adaption_output(self, q: jax.Array, attn: dict[str, Any], ctx: Context) -> jax.Array:
+        """The gated prompt attention of one layer (``self`` holds that layer's slice)."""
+        b, t, heads, d = q.shape
+        prompt = self.prompt.astype(ctx.dtype)  # [adapter_len, hidden] inside the scan
+        k = linear(attn["k_proj"], prompt, ctx, "k_proj").reshape(prompt.shape[0], -1, d)
+        v = linear(attn["v_proj"], prompt, ctx, "v_proj").reshape(prompt.shape[0], -1, d)
+        groups = heads // k.shape[1]
+        k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)  # [len, heads, d]
+        scores = jnp.einsum("bthd,lhd->bhtl", q, k.astype(q.dtype)) / np.sqrt(d)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+        probs = (self.gate * self.layer_mask).astype(q.dtype) * probs
+        out = jnp.einsum("bhtl,lhd->bthd", probs, v.astype(q.dtype)).reshape(b, t, heads * d)
+        return linear(attn["o_proj"], out, ctx, "o_proj")
 
 
 @register
@@ -79,15 +86,18 @@ class LlamaAdapter(Method):
         self._check(cfg)
         if "adaption" in params:
             raise ValueError("LlamaAdapter: params already hold adaption prompts")
+        n, top = cfg.num_hidden_layers, self._top_layers(cfg)
         shape = (self.adapter_layers, self.adapter_len, cfg.hidden_size)
-        prompt = jax.random.normal(key, shape, jnp.float32)  # peft: normal(0, 1)
-        gate = jnp.zeros((self.adapter_layers, 1), jnp.float32)
-        return {**params, "adaption": AdaptionPrompt(prompt=prompt, gate=gate)}
+        drawn = jax.random.normal(key, shape, jnp.float32)  # peft: normal(0, 1)
+        prompt = jnp.zeros((n, *shape[1:]), jnp.float32).at[top.start :].set(drawn)
+        mask = layer_mask(top, n, "LlamaAdapter")
+        gate = jnp.zeros((n, 1), jnp.float32)
+        return {**params, "adaption": AdaptionPrompt(prompt=prompt, gate=gate, layer_mask=mask)}
 
     def _top_layers(self, cfg: LlamaConfig) -> range:
         return range(cfg.num_hidden_layers - self.adapter_layers, cfg.num_hidden_layers)
 
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type,
             "adapter_len": self.adapter_len,
@@ -95,49 +105,37 @@ class LlamaAdapter(Method):
             "target_modules": "self_attn",
         }
 
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        node_ = params["adaption"]
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        adaption = params["adaption"]
         out = {}
-        for j, layer in enumerate(self._top_layers(cfg)):
-            prefix = _PEFT_PREFIX.format(layer)
-            out[f"{prefix}.adaption_prompt"] = np.asarray(node_.prompt[j])[None]
-            out[f"{prefix}.adaption_gate"] = np.asarray(node_.gate[j])
+        for layer in masked_layers(adaption.layer_mask):
+            prefix = peft_module(layer, "self_attn")
+            out[f"{prefix}.adaption_prompt"] = np.asarray(adaption.prompt[layer])[None]
+            out[f"{prefix}.adaption_gate"] = np.asarray(adaption.gate[layer])
         return out
 
     @classmethod
-    def from_peft(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
-        params: Params,
-        cfg: LlamaConfig,
+    def read_adapter(
+        cls, config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
     ) -> tuple[LlamaAdapter, Params]:
-        if config.get("target_modules", "self_attn") != "self_attn":
-            raise ValueError(f"adaption prompt target_modules={config['target_modules']!r}")
+        if config.get("target_modules", str, "self_attn") != "self_attn":
+            raise config.error("target_modules", "'self_attn'")
         method = cls(
-            adapter_len=int(config["adapter_len"]), adapter_layers=config["adapter_layers"]
+            adapter_len=config.require("adapter_len", int),
+            adapter_layers=config.require("adapter_layers", int),
         )
         method._check(cfg)
-        prompts, gates = [], []
-        for layer in method._top_layers(cfg):
-            prefix = _PEFT_PREFIX.format(layer)
-            prompt = _tensor(
-                tensors, f"{prefix}.adaption_prompt", (1, method.adapter_len, cfg.hidden_size)
-            )
-            prompts.append(prompt[0])
-            gates.append(_tensor(tensors, f"{prefix}.adaption_gate", (1,)))
-        node_ = AdaptionPrompt(
-            prompt=jnp.asarray(np.stack(prompts), jnp.float32),
-            gate=jnp.asarray(np.stack(gates), jnp.float32),
+        n, top = cfg.num_hidden_layers, method._top_layers(cfg)
+        prompts = np.zeros((n, method.adapter_len, cfg.hidden_size), np.float32)
+        gates = np.zeros((n, 1), np.float32)
+        for layer in top:
+            prefix = peft_module(layer, "self_attn")
+            shape = (1, method.adapter_len, cfg.hidden_size)
+            prompts[layer] = tensors.take(f"{prefix}.adaption_prompt", shape)[0]
+            gates[layer] = tensors.take(f"{prefix}.adaption_gate", (1,))
+        adaption = AdaptionPrompt(
+            prompt=jnp.asarray(prompts),
+            gate=jnp.asarray(gates),
+            layer_mask=layer_mask(top, n, "LlamaAdapter"),
         )
-        return method, {**params, "adaption": node_}
-
-
-def _tensor(tensors: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    if key not in tensors:
-        raise ValueError(f"adapter_model.safetensors: missing tensor {key!r}")
-    if tensors[key].shape != shape:
-        raise ValueError(
-            f"adapter_model.safetensors: {key!r} has shape {tensors[key].shape}, expected {shape}"
-        )
-    return tensors[key]
+        return method, {**params, "adaption": adaption}

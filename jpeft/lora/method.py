@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -12,17 +11,18 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
 
-from jpeft.hf_adapter import CONFIG_NAME, WEIGHTS_NAME
+from jpeft.adapter_files import AdapterConfig, AdapterTensors, read_adapter_dir
 from jpeft.lora import peft_io
 from jpeft.lora.multi import BASE, adapter_names, add_adapter, set_adapter
 from jpeft.lora.node import LoRAAdapter, LoRAWeight
 from jpeft.lora.targets import ALL_LINEAR, ModulePlan, resolve
-from jpeft.method import Method, Params, register
+from jpeft.method import Method, register
 from jpeft.models.config import LlamaConfig
-from jpeft.models.hf_names import group_of
 from jpeft.models.linear import dense
+from jpeft.models.param_spec import group_of
+from jpeft.models.pytree import Params
+from jpeft.nodes import layer_mask
 
 INITS = ("default", "gaussian")
 
@@ -171,19 +171,20 @@ class LoRA(Method):
             name=self.adapter_name,
             index=index,
             dropout=self.dropout,
+            layer_mask=layer_mask(plan.layers, len(ranks), "LoRA"),
         )
 
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
         return peft_io.peft_config(self)
 
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
         return peft_io.tensors(self, params, self.plans(cfg))
 
     @classmethod
-    def from_peft(
+    def read_adapter(
         cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
+        config: AdapterConfig,
+        tensors: AdapterTensors,
         params: Params,
         cfg: LlamaConfig,
         adapter_name: str = "default",
@@ -194,21 +195,24 @@ class LoRA(Method):
 
 
 def load_adapter(
-    adapter_dir: str | os.PathLike, params: Params, cfg: LlamaConfig, adapter_name: str
+    adapter_dir: str | os.PathLike,
+    params: Params,
+    cfg: LlamaConfig,
+    adapter_name: str,
+    allow_nonfinite: bool = False,
 ) -> tuple[LoRA, Params]:
     """Load a peft LoRA adapter directory as adapter ``adapter_name`` (added and made active).
 
     ``jpeft.load_hf_adapter`` always names the adapter ``"default"``; use this to hold
-    several adapters in one params tree.
+    several adapters in one params tree. Tensors holding NaN/Inf are refused unless
+    ``allow_nonfinite``.
 
     Example:
         >>> _, params = load_adapter("adapters/a", params, cfg, "a")      # doctest: +SKIP
         >>> _, params = load_adapter("adapters/b", params, cfg, "b")      # doctest: +SKIP
     """
-    adapter_dir = os.fspath(adapter_dir)
-    with open(os.path.join(adapter_dir, CONFIG_NAME)) as f:
-        config = json.load(f)
-    if config.get("peft_type") != LoRA.peft_type:
-        raise ValueError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not 'LORA'")
-    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_NAME))
-    return LoRA.from_peft(config, tensors, params, cfg, adapter_name=adapter_name)
+    config, tensors = read_adapter_dir(adapter_dir, allow_nonfinite)
+    peft_type = config.require("peft_type", str)
+    if peft_type != LoRA.peft_type:
+        raise ValueError(f"{config.source}: peft_type {peft_type!r} is not 'LORA'")
+    return LoRA.from_adapter(config, tensors, params, cfg, adapter_name=adapter_name)

@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.lora.node import InactiveLoRAAdapter, LoRAAdapter, LoRAWeight
+from jpeft.models.pytree import Params
 
 BASE = "__base__"
-
-Params = dict[str, Any]
 
 
 def _is_lora(x: Any) -> bool:

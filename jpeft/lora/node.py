@@ -7,9 +7,11 @@ same leading axes as the base (``L`` for stacked layers; the layer scan slices
 them together):
 
 * ``a [L, in, r]``, ``b [L, r, out]``: trainable; ``y = x W + scaling * x a b``.
-* ``scaling [L]``: frozen; ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), and 0 in
-  layers the adapter does not touch (``layers_to_transform``): those layers' ``a``,
-  ``b`` (and magnitude) receive exactly zero gradient.
+* ``scaling [L]``: frozen; ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA; 0 where the
+  layer has no adapter, whose rank is 0).
+* ``layer_mask [L]``: frozen, :func:`jpeft.nodes.layer_mask`: 0 in layers the adapter
+  does not touch (``layers_to_transform``, rank patterns), whose ``a``, ``b`` (and
+  magnitude) receive exactly zero gradient. None on an unstacked adapter: it applies.
 * ``magnitude [L, out]`` (DoRA only, else None): trainable; the output becomes
   ``m / ||W + scaling * a b||`` (column norm over ``in``, a constant for gradients
   as in peft) times ``x (W + scaling * a b)``.
@@ -36,15 +38,22 @@ import jax.numpy as jnp
 
 from jpeft.models.context import Context
 from jpeft.models.linear import dense, matmul
+from jpeft.models.pytree import Axes
 from jpeft.nodes import Node, is_node, node
 
 
-@node(trainable=("a", "b", "magnitude"), static=("name", "index", "dropout"))
+@node(
+    trainable=("a", "b", "magnitude"),
+    static=("name", "index", "dropout"),
+    decay=("a", "b"),
+    lora_plus=("b",),
+)
 class LoRAAdapter(Node):
     """One named, active adapter on one projection (see the module docstring for shapes).
 
     ``index`` is the adapter's position in the params-wide adapter list (what
-    ``ctx.adapter_ids`` refers to); ``dropout`` the rate on its input branch.
+    ``ctx.adapter_ids`` refers to); ``dropout`` the rate on its input branch. ``a`` and
+    ``b`` take weight decay, DoRA's magnitude does not; LoRA+ trains ``b`` faster.
 
     Example:
         >>> ad = LoRAAdapter(jnp.ones((4, 2)), jnp.zeros((2, 3)), jnp.float32(2.0), None,
@@ -60,6 +69,7 @@ class LoRAAdapter(Node):
     name: str
     index: int
     dropout: float
+    layer_mask: jax.Array | None = None
 
 
 @node(static=("name", "index", "dropout"))
@@ -126,7 +136,24 @@ class LoRAWeight(Node):
         growth, added = _merge_terms(self.adapters, w)
         return (w * growth + added).astype(base.dtype)
 
-    def logical_axes(self, base: tuple[str | None, ...] | None) -> LoRAWeight:
+    def dense(self) -> jax.Array:
+        return self.merged()
+
+    def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
+        """``x (W + sum of the adapters)``; with ``ctx.adapter_ids`` each row takes its own."""
+        y = matmul(self.base, x, ctx, name)
+        ids = ctx.adapter_ids
+        out = y
+        for ad in self.adapters:
+            if ids is None:
+                if _is_active(ad):
+                    out = out + _adapter_output(self, ad, x, y, ctx, name)
+                continue
+            rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
+            out = out + jnp.where(rows, _adapter_output(self, ad, x, y, ctx, name), 0)
+        return out
+
+    def logical_axes(self, base: Axes | None) -> LoRAWeight:
         """``a`` takes the base's input axis, ``b`` its output axis; the base keeps its own.
 
         Works on either part of :func:`jpeft.split` too (absent fields stay None).
@@ -136,6 +163,7 @@ class LoRAWeight(Node):
             "a": (*lead, axis_in, None),
             "b": (*lead, None, axis_out),
             "scaling": lead,
+            "layer_mask": lead,
             "magnitude": (*lead, axis_out),
         }
 
@@ -153,7 +181,13 @@ class LoRAWeight(Node):
 def _low_rank(adapter: LoRAAdapter) -> jax.Array:
     """``scaling * a @ b`` in fp32, broadcast over the leading axes: ``[..., in, out]``."""
     ab = adapter.a.astype(jnp.float32) @ adapter.b.astype(jnp.float32)
-    return adapter.scaling.astype(jnp.float32)[..., None, None] * ab
+    return _scale(adapter, jnp.float32)[..., None, None] * ab
+
+
+def _scale(adapter: LoRAAdapter, dtype: jnp.dtype) -> jax.Array:
+    """``scaling`` times the layer mask (0 in layers without the adapter)."""
+    scale = adapter.scaling.astype(dtype)
+    return scale if adapter.layer_mask is None else scale * adapter.layer_mask.astype(dtype)
 
 
 def _dora_factor(adapter: LoRAAdapter, w: jax.Array, lowrank: jax.Array) -> jax.Array:
@@ -164,7 +198,8 @@ def _dora_factor(adapter: LoRAAdapter, w: jax.Array, lowrank: jax.Array) -> jax.
     """
     norm = jax.lax.stop_gradient(jnp.linalg.norm(w + lowrank, axis=-2))
     factor = adapter.magnitude.astype(jnp.float32) / norm
-    touched = (adapter.scaling != 0)[..., None]
+    mask = jnp.ones_like(adapter.scaling) if adapter.layer_mask is None else adapter.layer_mask
+    touched = (mask > 0)[..., None]
     return jnp.where(touched, factor, 1.0)
 
 
@@ -197,7 +232,7 @@ def _adapter_output(
         keep = jax.random.bernoulli(jax.random.fold_in(rng, ad.index), 1.0 - ad.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - ad.dropout), 0.0).astype(ctx.dtype)
     lora = (x @ ad.a.astype(ctx.dtype)) @ ad.b.astype(ctx.dtype)
-    lora = lora * ad.scaling.astype(ctx.dtype)
+    lora = lora * _scale(ad, ctx.dtype)
     if ad.magnitude is None:
         return lora
     weight = dense(w.base).astype(jnp.float32)
@@ -205,26 +240,6 @@ def _adapter_output(
     # peft: with dropout active the base term is recomputed on the dropped input.
     base_term = matmul(w.base, x, ctx, name) if dropping else base_out
     return (factor - 1) * base_term + factor * lora
-
-
-@matmul.register(LoRAWeight)
-def _matmul_lora(w: LoRAWeight, x: jax.Array, ctx: Context, name: str) -> jax.Array:
-    y = matmul(w.base, x, ctx, name)
-    ids = ctx.adapter_ids
-    out = y
-    for ad in w.adapters:
-        if ids is None:
-            if _is_active(ad):
-                out = out + _adapter_output(w, ad, x, y, ctx, name)
-            continue
-        rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
-        out = out + jnp.where(rows, _adapter_output(w, ad, x, y, ctx, name), 0)
-    return out
-
-
-@dense.register(LoRAWeight)
-def _dense_lora(w: LoRAWeight) -> jax.Array:
-    return w.merged()
 
 
 def unmerge(merged: Any, lora_params: Any) -> Any:
@@ -240,18 +255,18 @@ def unmerge(merged: Any, lora_params: Any) -> Any:
         >>> restored = jpeft.unmerge(merged, params)                      # doctest: +SKIP
     """
 
-    def restore(node_: Any, m: Any) -> Any:
-        if not isinstance(node_, LoRAWeight):
-            return node_
+    def restore(weight: Any, m: Any) -> Any:
+        if not isinstance(weight, LoRAWeight):
+            return weight
         m32 = jnp.asarray(m, jnp.float32)
-        dora = any(ad.magnitude is not None for ad in filter(_is_active, node_.adapters))
-        if dora and node_.base is None:
+        dora = any(ad.magnitude is not None for ad in filter(_is_active, weight.adapters))
+        if dora and weight.base is None:
             raise ValueError(
                 "unmerge: a DoRA adapter cannot be unmerged without its base weight (merging "
                 "loses the base's column norms); pass params whose LoRA nodes hold their base"
             )
-        w = dense(node_.base).astype(jnp.float32) if dora else m32
-        growth, added = _merge_terms(node_.adapters, w)
-        return LoRAWeight(((m32 - added) / growth).astype(jnp.asarray(m).dtype), node_.adapters)
+        w = dense(weight.base).astype(jnp.float32) if dora else m32
+        growth, added = _merge_terms(weight.adapters, w)
+        return LoRAWeight(((m32 - added) / growth).astype(jnp.asarray(m).dtype), weight.adapters)
 
     return jax.tree.map(restore, lora_params, merged, is_leaf=is_node)

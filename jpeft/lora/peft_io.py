@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.adapter_files import NUMBER, SEQUENCE, AdapterConfig, AdapterTensors, peft_module
 from jpeft.lora.node import LoRAWeight
-from jpeft.lora.targets import ALL_LINEAR, ModulePlan, module_name
-from jpeft.models.hf_names import PROJECTIONS, group_of
+from jpeft.lora.targets import ALL_LINEAR, ModulePlan
+from jpeft.models.param_spec import PROJECTIONS, group_of
+from jpeft.models.pytree import Params
 
 if TYPE_CHECKING:
     from jpeft.lora.method import LoRA
 
-Params = dict[str, Any]
 
-PREFIX = "base_model.model."
 # peft config keys whose non-default values change the model in ways jpeft's LoRA
 # does not implement; loading such an adapter is an error, not a silent mismatch.
 _UNSUPPORTED = (
@@ -86,37 +86,38 @@ def peft_config(method: LoRA) -> dict[str, Any]:
     }
 
 
-def options(config: dict[str, Any]) -> dict[str, Any]:
-    """``jpeft.LoRA`` keyword arguments from a peft ``adapter_config.json`` dict.
+def options(config: AdapterConfig | dict[str, Any]) -> dict[str, Any]:
+    """``jpeft.LoRA`` keyword arguments from a peft ``adapter_config.json`` (checked types).
 
     Example:
         >>> options({"r": 4, "lora_alpha": 8, "target_modules": ["v_proj", "q_proj"]})["targets"]
         ('q_proj', 'v_proj')
     """
-    bad = {k: config[k] for k in _UNSUPPORTED if config.get(k) not in (None, False, [], {})}
-    if config.get("bias", "none") != "none":
-        bad["bias"] = config["bias"]
+    config = AdapterConfig.of(config)
+    bad = {k: config.values[k] for k in _UNSUPPORTED if config.get(k) not in (None, False, [], {})}
+    if config.get("bias", str, "none") != "none":
+        bad["bias"] = config.values["bias"]
     if config.get("layers_pattern") not in (None, "", "layers", ["layers"]):
-        bad["layers_pattern"] = config["layers_pattern"]
-    init = config.get("init_lora_weights", True)
+        bad["layers_pattern"] = config.values["layers_pattern"]
+    init = config.get("init_lora_weights", (bool, str), True)
     if init not in _INITS:
         bad["init_lora_weights"] = init
     if bad:
-        raise ValueError(f"peft LoRA config: unsupported settings {bad}")
-    targets = config.get("target_modules")
+        raise ValueError(f"{config.source}: unsupported peft LoRA settings {bad}")
+    targets = config.get("target_modules", (str, *SEQUENCE), items=str)
     if not targets:
-        raise ValueError("peft LoRA config: no target_modules")
-    layers = config.get("layers_to_transform")
+        raise ValueError(f"{config.source}: no target_modules")
+    layers = config.get("layers_to_transform", (int, *SEQUENCE), items=int)
     return {
-        "r": int(config.get("r", 8)),
-        "alpha": config.get("lora_alpha", 8),
-        "dropout": float(config.get("lora_dropout", 0.0)),
+        "r": config.get("r", int, 8),
+        "alpha": config.get("lora_alpha", NUMBER, 8),
+        "dropout": float(config.get("lora_dropout", NUMBER, 0.0)),
         "targets": targets if isinstance(targets, str) else tuple(sorted(targets)),
         "layers_to_transform": (layers,) if isinstance(layers, int) else _tupled(layers),
-        "rank_pattern": dict(config.get("rank_pattern") or {}),
-        "alpha_pattern": dict(config.get("alpha_pattern") or {}),
-        "use_rslora": bool(config.get("use_rslora", False)),
-        "use_dora": bool(config.get("use_dora", False)),
+        "rank_pattern": dict(config.get("rank_pattern", dict, {}, items=int)),
+        "alpha_pattern": dict(config.get("alpha_pattern", dict, {}, items=NUMBER)),
+        "use_rslora": config.get("use_rslora", bool, False),
+        "use_dora": config.get("use_dora", bool, False),
         "init_weights": _INITS[init],
     }
 
@@ -133,7 +134,7 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
         ad = _lora_weight(params, module).adapter(method.adapter_name)
         a, b = np.asarray(ad.a), np.asarray(ad.b)
         for i in plan.layers:
-            key, rank = PREFIX + module_name(i, module), plan.ranks[i]
+            key, rank = peft_module(i, module), plan.ranks[i]
             out[f"{key}.lora_A.weight"] = a[i, :, :rank].T
             out[f"{key}.lora_B.weight"] = b[i, :rank, :].T
             if ad.magnitude is not None:
@@ -142,17 +143,15 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
 
 
 def fill(
-    method: LoRA, params: Params, found: dict[str, np.ndarray], plans: dict[str, ModulePlan]
+    method: LoRA, params: Params, found: AdapterTensors, plans: dict[str, ModulePlan]
 ) -> Params:
-    """``params`` (already holding ``method``'s adapter) with its arrays read from ``found``.
+    """``params`` (already holding ``method``'s adapter) with its arrays taken from ``found``.
 
-    Raises ``ValueError`` for a missing or misshapen tensor, and for tensors the
-    config does not account for.
+    Raises ``ValueError`` for a missing or misshapen tensor.
 
     Example:
-        >>> params = fill(method, params, load_file(path), method.plans(cfg))  # doctest: +SKIP
+        >>> params = fill(method, params, tensors, method.plans(cfg))  # doctest: +SKIP
     """
-    used: set[str] = set()
     layers = {group: dict(entries) for group, entries in params["layers"].items()}
     for module, plan in plans.items():
         weight = _lora_weight(params, module)
@@ -161,11 +160,11 @@ def fill(
         magnitude = None if ad.magnitude is None else np.array(ad.magnitude)
         fan_in, fan_out = a.shape[-2], b.shape[-1]
         for i in plan.layers:
-            key, r = PREFIX + module_name(i, module), plan.ranks[i]
-            a[i, :, :r] = _tensor(found, f"{key}.lora_A.weight", (r, fan_in), used).T
-            b[i, :r, :] = _tensor(found, f"{key}.lora_B.weight", (fan_out, r), used).T
+            key, r = peft_module(i, module), plan.ranks[i]
+            a[i, :, :r] = found.take(f"{key}.lora_A.weight", (r, fan_in)).T
+            b[i, :r, :] = found.take(f"{key}.lora_B.weight", (fan_out, r)).T
             if magnitude is not None:
-                magnitude[i] = _tensor(found, f"{key}.lora_magnitude_vector", (fan_out,), used)
+                magnitude[i] = found.take(f"{key}.lora_magnitude_vector", (fan_out,))
         new = dataclasses.replace(
             ad,
             a=jnp.asarray(a),
@@ -175,25 +174,7 @@ def fill(
         adapters = tuple(new if x.name == ad.name else x for x in weight.adapters)
         entry = layers[group_of(module)][module]
         layers[group_of(module)][module] = {**entry, "kernel": LoRAWeight(weight.base, adapters)}
-    unused = sorted(set(found) - used)
-    if unused:
-        raise ValueError(
-            f"peft LoRA adapter: {len(unused)} tensors are not used by its config "
-            f"(target_modules / layers_to_transform / use_dora), e.g. {unused[:3]}"
-        )
     return {**params, "layers": layers}
-
-
-def _tensor(
-    found: dict[str, np.ndarray], name: str, shape: tuple[int, ...], used: set[str]
-) -> np.ndarray:
-    if name not in found:
-        raise ValueError(f"peft LoRA adapter: missing tensor {name!r}")
-    value = np.asarray(found[name], np.float32)
-    if value.shape != shape:
-        raise ValueError(f"peft LoRA adapter: {name!r} has shape {value.shape}, expected {shape}")
-    used.add(name)
-    return value
 
 
 def _listed(layers: tuple[int, ...] | None) -> list[int] | None:

@@ -25,11 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from jpeft.models.hf_names import PROJECTIONS, group_of
+from jpeft.models.param_spec import PROJECTIONS, module_name
 
 ALL_LINEAR = "all-linear"
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +63,6 @@ class ModulePlan:
             ],
             np.float32,
         )
-
-
-def module_name(layer: int, module: str) -> str:
-    """transformers' name of a projection in a layer.
-
-    Example:
-        >>> module_name(1, "up_proj")
-        'model.layers.1.mlp.up_proj'
-    """
-    return f"model.layers.{layer}.{group_of(module)}.{module}"
 
 
 def resolve(

@@ -9,8 +9,6 @@ from jpeft.optim.adamw8bit import (
 from jpeft.optim.groups import (
     adamw,
     decay_mask,
-    decayed_fields,
-    fast_fields,
     lora_plus,
     lora_plus_labels,
     scale_schedule,
@@ -24,8 +22,6 @@ __all__ = [
     "adamw",
     "adamw_8bit",
     "decay_mask",
-    "decayed_fields",
-    "fast_fields",
     "host_offload_supported",
     "lora_plus",
     "lora_plus_labels",

@@ -7,22 +7,23 @@ layout, by the leaf's role: the dict key it sits under, ``kernel``, ``scale``,
 Weight-decay rule (:func:`decay_mask`):
 
 * base tensors (plain arrays, or a :class:`jpeft.Trained` node) decay only in the
-  ``kernel`` role: no decay on norm scales, biases or embeddings;
-* a PEFT node decays the fields :func:`decayed_fields` names for its type:
-  LoRA ``a``/``b`` and bottleneck ``down``/``up`` matrices decay; DoRA magnitudes
-  (scales, like norms), soft prompts, prefixes, LLaMA-Adapter prompts and gates,
-  and adapter biases do not;
+  ``kernel`` role (:data:`jpeft.nodes.DECAYED_ROLES`): no decay on norm scales,
+  biases or embeddings;
+* a PEFT node decays the fields its type declares (``node.decayed_fields(role)``,
+  the ``decay=`` of :func:`jpeft.nodes.node`): LoRA ``a``/``b`` and bottleneck
+  ``down``/``up`` matrices decay; DoRA magnitudes (scales, like norms), soft prompts,
+  prefixes, LLaMA-Adapter prompts and gates, and adapter biases do not; a type that
+  declares nothing decays all of its trainable fields (what ``optax.adamw`` does
+  without a mask);
 * inside a decayed field that holds a small network (a dict, e.g. a P-tuning
-  prompt encoder), matrices decay and vectors (biases) do not;
-* a node type with no registration decays all of its trainable fields
-  (what ``optax.adamw`` does without a mask). Register new types with
-  ``@decayed_fields.register(MyNode)``.
+  prompt encoder), matrices decay and vectors (biases) do not.
+
+LoRA+ trains the fields a node type declares as ``lora_plus=`` (LoRA's ``B``) faster.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,16 +31,10 @@ import jax
 import numpy as np
 import optax
 
-from jpeft.adapters.bottleneck import BottleneckAdapter
-from jpeft.adapters.llama_adapter import AdaptionPrompt
-from jpeft.lora.node import LoRAAdapter
-from jpeft.nodes import Node, Trained, is_node
-from jpeft.prompts.nodes import MultitaskPrompt, Prefix, ProjectedPrefix, PromptEncoder, SoftPrompt
+from jpeft.models.pytree import Tree
+from jpeft.nodes import DECAYED_ROLES, Node, is_node
 
-Tree = Any
 LabelFn = Callable[[Node | None, str | None, str | None, Any], Any]
-
-DECAYED_ROLES = ("kernel",)
 
 
 def map_fields(tree: Tree, label: LabelFn) -> Tree:
@@ -52,6 +47,7 @@ def map_fields(tree: Tree, label: LabelFn) -> Tree:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jpeft.nodes import Trained
         >>> tree = {"norm": {"scale": Trained(jnp.ones(2))}}
         >>> map_fields(tree, lambda node, field, role, x: role)["norm"]["scale"].value
         'scale'
@@ -72,49 +68,6 @@ def _map(
     return jax.tree.map(lambda x: label(node, field, role, x), tree)
 
 
-@functools.singledispatch
-def decayed_fields(node: Node, role: str | None) -> tuple[str, ...]:
-    """Fields of ``node`` that take weight decay (default: all trainable fields).
-
-    ``role`` is the dict key the node sits under (``kernel``, ``scale``...).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> decayed_fields(Trained(jnp.ones(2)), "scale")
-        ()
-    """
-    return node.trainable_fields
-
-
-@decayed_fields.register(Trained)
-def _decayed_trained(node: Trained, role: str | None) -> tuple[str, ...]:
-    return ("value",) if role in DECAYED_ROLES else ()
-
-
-@decayed_fields.register(BottleneckAdapter)
-def _decayed_bottleneck(node: BottleneckAdapter, role: str | None) -> tuple[str, ...]:
-    return ("down", "up")
-
-
-@decayed_fields.register(LoRAAdapter)
-def _decayed_lora(node: LoRAAdapter, role: str | None) -> tuple[str, ...]:
-    return ("a", "b")
-
-
-@decayed_fields.register(AdaptionPrompt)
-@decayed_fields.register(SoftPrompt)
-@decayed_fields.register(MultitaskPrompt)
-@decayed_fields.register(Prefix)
-def _decayed_nothing(node: Node, role: str | None) -> tuple[str, ...]:
-    return ()
-
-
-@decayed_fields.register(PromptEncoder)
-@decayed_fields.register(ProjectedPrefix)
-def _decayed_encoder(node: PromptEncoder | ProjectedPrefix, role: str | None) -> tuple[str, ...]:
-    return ("encoder",)
-
-
 def decay_mask(trainable: Tree) -> Tree:
     """Boolean tree: True where weight decay applies (the rule in the module docstring).
 
@@ -122,6 +75,7 @@ def decay_mask(trainable: Tree) -> Tree:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jpeft.nodes import Trained
         >>> t = {"norm": {"scale": Trained(jnp.ones(2))},
         ...      "lm_head": {"kernel": Trained(jnp.ones((2, 3)))}}
         >>> m = decay_mask(t)
@@ -132,30 +86,11 @@ def decay_mask(trainable: Tree) -> Tree:
     def label(node: Node | None, field: str | None, role: str | None, x: Any) -> bool:
         if node is None:
             return role in DECAYED_ROLES
-        if field not in decayed_fields(node, role):
+        if field not in node.decayed_fields(role):
             return False
         return not isinstance(getattr(node, field), dict) or np.ndim(x) >= 2
 
     return map_fields(trainable, label)
-
-
-@functools.singledispatch
-def fast_fields(node: Node) -> tuple[str, ...]:
-    """Fields of ``node`` that LoRA+ trains at ``ratio`` times the learning rate.
-
-    Default: none. LoRA node types register their ``B`` matrices.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> fast_fields(Trained(jnp.ones(2)))
-        ()
-    """
-    return ()
-
-
-@fast_fields.register(LoRAAdapter)
-def _fast_lora(node: LoRAAdapter) -> tuple[str, ...]:
-    return ("b",)
 
 
 def lora_plus_labels(trainable: Tree) -> Tree:
@@ -163,12 +98,13 @@ def lora_plus_labels(trainable: Tree) -> Tree:
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jpeft.nodes import Trained
         >>> lora_plus_labels({"norm": {"scale": Trained(jnp.ones(2))}})["norm"]["scale"].value
         'default'
     """
 
     def label(node: Node | None, field: str | None, role: str | None, x: Any) -> str:
-        return "lora_b" if node is not None and field in fast_fields(node) else "default"
+        return "lora_b" if node is not None and field in node.lora_plus_fields else "default"
 
     return map_fields(trainable, label)
 
@@ -193,10 +129,11 @@ def lora_plus(
     """LoRA+ (Hayou et al. 2024): LoRA ``B`` matrices train at ``ratio x`` the learning rate.
 
     ``make_tx(lr)`` builds the optimizer for one learning rate; everything but the
-    LoRA+ fields (see :func:`fast_fields`) uses ``learning_rate``.
+    LoRA+ fields (a node type's ``lora_plus_fields``) uses ``learning_rate``.
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jpeft.nodes import Trained
         >>> tx = lora_plus(lambda lr: optax.sgd(lr), 0.1, ratio=4.0)
         >>> t = {"norm": {"scale": Trained(jnp.ones(2))}}
         >>> _ = tx.init(t)
@@ -243,6 +180,7 @@ def adamw(
 
     Example:
         >>> import jax.numpy as jnp
+        >>> from jpeft.nodes import Trained
         >>> tx = adamw(2e-4, weight_decay=0.01, max_grad_norm=1.0, lora_plus_ratio=16.0)
         >>> _ = tx.init({"norm": {"scale": Trained(jnp.ones(2))}})
     """

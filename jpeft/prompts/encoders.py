@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Tree = dict[str, Any]
+from jpeft.models.pytree import Params
 
 
 class Uniform(NamedTuple):
@@ -57,7 +57,7 @@ def _linear(fan_in: int, fan_out: int) -> dict[str, Uniform]:
     return {"kernel": Uniform((fan_in, fan_out), bound), "bias": Uniform((fan_out,), bound)}
 
 
-def init_linear(key: jax.Array, fan_in: int, fan_out: int) -> Tree:
+def init_linear(key: jax.Array, fan_in: int, fan_out: int) -> Params:
     """A torch-initialized ``nn.Linear(fan_in, fan_out)`` with a ``[in, out]`` kernel.
 
     Example:
@@ -67,12 +67,12 @@ def init_linear(key: jax.Array, fan_in: int, fan_out: int) -> Tree:
     return fill(key, _linear(fan_in, fan_out))
 
 
-def linear(p: Tree, x: jax.Array) -> jax.Array:
+def linear(p: Params, x: jax.Array) -> jax.Array:
     """``x @ kernel + bias``."""
     return x @ p["kernel"].astype(x.dtype) + p["bias"].astype(x.dtype)
 
 
-def init_mlp(key: jax.Array, dim: int, hidden: int) -> Tree:
+def init_mlp(key: jax.Array, dim: int, hidden: int) -> Params:
     """P-tuning's MLP head ``d -> h -> h -> d``.
 
     Example:
@@ -87,7 +87,7 @@ def init_mlp(key: jax.Array, dim: int, hidden: int) -> Tree:
     return fill(key, spec)
 
 
-def mlp(p: Tree, x: jax.Array) -> jax.Array:
+def mlp(p: Params, x: jax.Array) -> jax.Array:
     """P-tuning's MLP encoder on ``x [..., d]``.
 
     Example:
@@ -99,7 +99,7 @@ def mlp(p: Tree, x: jax.Array) -> jax.Array:
     return linear(p["output"], h)
 
 
-def init_lstm(key: jax.Array, dim: int, hidden: int, num_layers: int) -> Tree:
+def init_lstm(key: jax.Array, dim: int, hidden: int, num_layers: int) -> Params:
     """P-tuning's bidirectional LSTM plus its ``2h -> 2h -> d`` head.
 
     Each direction of layer ``l`` holds ``w_ih [in, 4h]``, ``w_hh [h, 4h]``,
@@ -131,7 +131,7 @@ def init_lstm(key: jax.Array, dim: int, hidden: int, num_layers: int) -> Tree:
     return fill(key, spec)
 
 
-def _lstm_direction(p: Tree, x: jax.Array, reverse: bool) -> jax.Array:
+def _lstm_direction(p: Params, x: jax.Array, reverse: bool) -> jax.Array:
     """One LSTM direction over ``x [n, in]`` from zero state: outputs ``[n, h]``."""
     hidden = p["w_hh"].shape[0]
     gates_in = x @ p["w_ih"] + p["b_ih"] + p["b_hh"]
@@ -148,7 +148,7 @@ def _lstm_direction(p: Tree, x: jax.Array, reverse: bool) -> jax.Array:
     return out
 
 
-def lstm(p: Tree, x: jax.Array, dropout: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+def lstm(p: Params, x: jax.Array, dropout: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
     """P-tuning's LSTM encoder on the virtual-token embeddings ``x [n, d]``.
 
     Dropout (rate ``dropout``) applies between LSTM layers when ``rng`` is given,
@@ -170,7 +170,7 @@ def lstm(p: Tree, x: jax.Array, dropout: float = 0.0, rng: jax.Array | None = No
     return linear(p["output"], jax.nn.relu(linear(p["head"], h)))
 
 
-def init_projection(key: jax.Array, dim: int, hidden: int, out: int) -> Tree:
+def init_projection(key: jax.Array, dim: int, hidden: int, out: int) -> Params:
     """Prefix tuning's reparameterization ``Linear(d, h) tanh Linear(h, out)``.
 
     Example:
@@ -180,19 +180,19 @@ def init_projection(key: jax.Array, dim: int, hidden: int, out: int) -> Tree:
     return fill(key, {"input": _linear(dim, hidden), "output": _linear(hidden, out)})
 
 
-def projection(p: Tree, x: jax.Array) -> jax.Array:
+def projection(p: Params, x: jax.Array) -> jax.Array:
     """Apply the prefix reparameterization to ``x [n, d]``."""
     return linear(p["output"], jnp.tanh(linear(p["input"], x)))
 
 
-def _torch_linear(state: Mapping[str, Any], name: str) -> Tree:
+def _torch_linear(state: Mapping[str, Any], name: str) -> Params:
     return {
         "kernel": jnp.asarray(np.asarray(state[f"{name}.weight"]).T),
         "bias": jnp.asarray(np.asarray(state[f"{name}.bias"])),
     }
 
 
-def from_torch(state: Mapping[str, Any], kind: str) -> Tree:
+def from_torch(state: Mapping[str, Any], kind: str) -> Params:
     """Our encoder tree from the state dict of peft's ``PromptEncoder`` / ``PrefixEncoder``.
 
     ``kind`` is ``"MLP"``, ``"LSTM"`` (P-tuning) or ``"PROJECTION"`` (prefix tuning);

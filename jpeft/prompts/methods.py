@@ -18,27 +18,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.method import Method, Params, register
+from jpeft.adapter_files import NUMBER, AdapterConfig, AdapterTensors
+from jpeft.method import Method, register
 from jpeft.models.config import LlamaConfig
+from jpeft.models.pytree import Params
 from jpeft.prompts import encoders, peft_io
-from jpeft.prompts.nodes import PromptEncoder, SoftPrompt, export_table, install, prompt_node
-from jpeft.prompts.prompt_init import INITS, check_init, init_options, peft_init_keys, start_prompt
+from jpeft.prompts.nodes import PromptEncoder, SoftPrompt, install, table_tensors
+from jpeft.prompts.prompt_init import (
+    INITS,
+    PromptInit,
+    check_init,
+    init_options,
+    peft_init_keys,
+    start_prompt,
+)
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class PromptTuning(Method):
+class PromptTuning(PromptInit, Method):
     """Prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` trainable embeddings.
 
-    Args:
-        prompt_init: ``"RANDOM"`` (standard normal, as peft), ``"SAMPLE_VOCAB"`` (rows
-            of the embedding matrix at random token ids) or ``"TEXT"`` (the embeddings
-            of ``init_text``'s tokens, cut or repeated to ``num_virtual_tokens``).
-        init_text, tokenizer: for TEXT; ``tokenizer`` is any object with ``encode``.
-        init_token_ids: for TEXT, ids to use instead of tokenizing ``init_text``.
-        tokenizer_name_or_path: written to the peft config (peft needs it for TEXT).
+    Options: those of :class:`jpeft.prompts.prompt_init.PromptInit`.
 
     Example:
         >>> method = PromptTuning(num_virtual_tokens=8, prompt_init="TEXT",
@@ -48,39 +51,25 @@ class PromptTuning(Method):
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
 
-    num_virtual_tokens: int = 20
-    prompt_init: str = "RANDOM"
-    init_text: str | None = None
-    init_token_ids: tuple[int, ...] | None = None
-    tokenizer: Any = dataclasses.field(default=None, compare=False, repr=False)
-    tokenizer_name_or_path: str | None = None
-
     def __post_init__(self) -> None:
         check_init("PromptTuning", self, INITS)
 
     def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
         return install(params, "prompt", SoftPrompt(start_prompt(self, key, params)))
 
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
         keys = peft_io.model_keys(cfg, self.num_virtual_tokens, prefix=False)
         return {"peft_type": self.peft_type, **keys, **peft_init_keys(self)}
 
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        node_ = prompt_node(params, (SoftPrompt,), "PromptTuning")
-        return {peft_io.TABLE: np.asarray(export_table(node_), np.float32)}
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        return table_tensors(params, "prompt", (SoftPrompt,), "PromptTuning")
 
     @classmethod
-    def from_peft(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
-        params: Params,
-        cfg: LlamaConfig,
+    def read_adapter(
+        cls, config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
     ) -> tuple[PromptTuning, Params]:
-        n = peft_io.check_model(config, cfg, prefix=False)
-        table = peft_io.read(tensors, peft_io.TABLE, (n, cfg.hidden_size))
-        method = cls(num_virtual_tokens=n, **init_options(config))
-        return method, install(params, "prompt", SoftPrompt(jnp.asarray(table)))
+        n, params = _read_soft_prompt(config, tensors, params, cfg)
+        return cls(num_virtual_tokens=n, **init_options(config)), params
 
 
 @register
@@ -133,10 +122,10 @@ class PTuning(Method):
             encoder = encoders.init_lstm(k_enc, dim, hidden, self.encoder_num_layers)
         else:
             encoder = encoders.init_mlp(k_enc, dim, hidden)
-        node_ = PromptEncoder(embedding, encoder, self.encoder_type, self.encoder_dropout)
-        return install(params, "prompt", node_)
+        prompt = PromptEncoder(embedding, encoder, self.encoder_type, self.encoder_dropout)
+        return install(params, "prompt", prompt)
 
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type,
             **peft_io.model_keys(cfg, self.num_virtual_tokens, prefix=False),
@@ -146,25 +135,28 @@ class PTuning(Method):
             "encoder_dropout": self.encoder_dropout,
         }
 
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        node_ = prompt_node(params, (PromptEncoder, SoftPrompt), "PTuning")
-        return {peft_io.TABLE: np.asarray(export_table(node_), np.float32)}
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        return table_tensors(params, "prompt", (PromptEncoder, SoftPrompt), "PTuning")
 
     @classmethod
-    def from_peft(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
-        params: Params,
-        cfg: LlamaConfig,
+    def read_adapter(
+        cls, config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
     ) -> tuple[PTuning, Params]:
-        n = peft_io.check_model(config, cfg, prefix=False)
-        table = peft_io.read(tensors, peft_io.TABLE, (n, cfg.hidden_size))
+        n, params = _read_soft_prompt(config, tensors, params, cfg)
         method = cls(
             num_virtual_tokens=n,
-            encoder_type=config.get("encoder_reparameterization_type") or "MLP",
-            encoder_hidden_size=config.get("encoder_hidden_size"),
-            encoder_num_layers=config.get("encoder_num_layers", 2),
-            encoder_dropout=config.get("encoder_dropout", 0.0),
+            encoder_type=config.get("encoder_reparameterization_type", str, "MLP"),
+            encoder_hidden_size=config.get("encoder_hidden_size", int),
+            encoder_num_layers=config.get("encoder_num_layers", int, 2),
+            encoder_dropout=float(config.get("encoder_dropout", NUMBER, 0.0)),
         )
-        return method, install(params, "prompt", SoftPrompt(jnp.asarray(table)))
+        return method, params
+
+
+def _read_soft_prompt(
+    config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
+) -> tuple[int, Params]:
+    """``(num_virtual_tokens, params with the saved table as a plain soft prompt)``."""
+    n = peft_io.check_model(config, cfg, prefix=False)
+    table = tensors.take(peft_io.TABLE, (n, cfg.hidden_size))
+    return n, install(params, "prompt", SoftPrompt(jnp.asarray(table)))

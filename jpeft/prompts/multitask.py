@@ -14,22 +14,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.method import Method, Params, register
+from jpeft.adapter_files import AdapterConfig, AdapterTensors
+from jpeft.method import Method, register
 from jpeft.models.config import LlamaConfig
+from jpeft.models.pytree import Params
 from jpeft.prompts import peft_io
-from jpeft.prompts.nodes import MultitaskPrompt, install, prompt_node
-from jpeft.prompts.prompt_init import check_init, init_options, peft_init_keys, start_prompt
+from jpeft.prompts.nodes import MultitaskPrompt, entry_node, install
+from jpeft.prompts.prompt_init import (
+    PromptInit,
+    check_init,
+    init_options,
+    peft_init_keys,
+    start_prompt,
+)
+
+# node field -> tensor name in peft's adapter file
+_FILE_NAMES = {
+    "embedding": peft_io.TABLE,
+    "task_cols": "prefix_task_cols",
+    "task_rows": "prefix_task_rows",
+}
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class MultitaskPromptTuning(Method):
+class MultitaskPromptTuning(PromptInit, Method):
     """peft's multitask prompt tuning (Wang et al. 2023): one prompt per task.
 
     The prompt of task ``t`` is ``shared * (cols[t] @ rows[t])`` with a shared
     ``[n, hidden]`` embedding (RANDOM or TEXT init) and rank-``num_ranks`` task
     factors (normal, std 0.02). Each row picks its task through ``task_ids [B]``
-    (``model.apply(..., task_ids=...)``; a batch may mix tasks).
+    (``model.apply(..., task_ids=...)``; a batch may mix tasks). The other options are
+    those of :class:`jpeft.prompts.prompt_init.PromptInit` (SAMPLE_VOCAB excluded).
 
     Example:
         >>> method = MultitaskPromptTuning(num_virtual_tokens=8, num_tasks=3)
@@ -39,14 +55,8 @@ class MultitaskPromptTuning(Method):
 
     peft_type: ClassVar[str] = "MULTITASK_PROMPT_TUNING"
 
-    num_virtual_tokens: int = 20
     num_tasks: int = 1
     num_ranks: int = 1
-    prompt_init: str = "RANDOM"
-    init_text: str | None = None
-    init_token_ids: tuple[int, ...] | None = None
-    tokenizer: Any = dataclasses.field(default=None, compare=False, repr=False)
-    tokenizer_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         check_init("MultitaskPromptTuning", self, ("RANDOM", "TEXT"))
@@ -57,14 +67,14 @@ class MultitaskPromptTuning(Method):
     def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
         k_embed, k_cols, k_rows = jax.random.split(key, 3)
         n, t, r = self.num_virtual_tokens, self.num_tasks, self.num_ranks
-        node_ = MultitaskPrompt(
+        prompt = MultitaskPrompt(
             embedding=start_prompt(self, k_embed, params),
             task_cols=0.02 * jax.random.normal(k_cols, (t, n, r), jnp.float32),
             task_rows=0.02 * jax.random.normal(k_rows, (t, r, cfg.hidden_size), jnp.float32),
         )
-        return install(params, "prompt", node_)
+        return install(params, "prompt", prompt)
 
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type,
             **peft_io.model_keys(cfg, self.num_virtual_tokens, prefix=False),
@@ -75,33 +85,24 @@ class MultitaskPromptTuning(Method):
             "num_ranks": self.num_ranks,
         }
 
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        node_ = prompt_node(params, (MultitaskPrompt,), "MultitaskPromptTuning")
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        prompt = entry_node(params, "prompt", (MultitaskPrompt,), "MultitaskPromptTuning")
         return {
-            peft_io.TABLE: np.asarray(node_.embedding, np.float32),
-            "prefix_task_cols": np.asarray(node_.task_cols, np.float32),
-            "prefix_task_rows": np.asarray(node_.task_rows, np.float32),
+            name: np.asarray(getattr(prompt, field), np.float32)
+            for field, name in _FILE_NAMES.items()
         }
 
     @classmethod
-    def from_peft(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
-        params: Params,
-        cfg: LlamaConfig,
+    def read_adapter(
+        cls, config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
     ) -> tuple[MultitaskPromptTuning, Params]:
         n = peft_io.check_model(config, cfg, prefix=False)
-        t, r = int(config.get("num_tasks") or 1), int(config.get("num_ranks") or 1)
+        t, r = config.get("num_tasks", int, 1), config.get("num_ranks", int, 1)
         options = init_options(config)
         if options["prompt_init"] not in ("RANDOM", "TEXT"):
             options["prompt_init"] = "RANDOM"  # a source-task init; the weights are in the file
         method = cls(num_virtual_tokens=n, num_tasks=t, num_ranks=r, **options)
-        node_ = MultitaskPrompt(
-            embedding=jnp.asarray(peft_io.read(tensors, peft_io.TABLE, (n, cfg.hidden_size))),
-            task_cols=jnp.asarray(peft_io.read(tensors, "prefix_task_cols", (t, n, r))),
-            task_rows=jnp.asarray(
-                peft_io.read(tensors, "prefix_task_rows", (t, r, cfg.hidden_size))
-            ),
-        )
-        return method, install(params, "prompt", node_)
+        shapes = {"embedding": (n, cfg.hidden_size), "task_cols": (t, n, r)}
+        shapes["task_rows"] = (t, r, cfg.hidden_size)
+        fields = {f: jnp.asarray(tensors.take(_FILE_NAMES[f], s)) for f, s in shapes.items()}
+        return method, install(params, "prompt", MultitaskPrompt(**fields))

@@ -1,12 +1,12 @@
-"""Prompt-learning nodes and the model hooks that read them.
+"""Prompt-learning nodes and the forward hooks they answer.
 
 ``params["prompt"]`` holds a soft prompt prepended to the input embeddings
-(:func:`jpeft.models.hooks.prompt_embeddings`); ``params["prefix"]`` holds per-layer
-key/value prefixes (:func:`jpeft.models.hooks.prefix_key_values`). Each node's
-``table()`` is the tensor peft saves as ``prompt_embeddings`` (the encoder
-output, never the encoder). None of them can fold into the base weights:
-``merged()`` returns the node itself. Their arrays are small and replicated
-(the default :meth:`jpeft.nodes.Node.logical_axes`).
+(its ``prompt_embeddings`` hook); ``params["prefix"]`` holds per-layer key/value
+prefixes (its ``prefix_key_values`` hook). Each node's ``table()`` is the tensor peft
+saves as ``prompt_embeddings`` (the encoder output, never the encoder). None of them
+can fold into the base weights: ``merged()`` returns the node itself. Their arrays are
+small and replicated (the default :meth:`jpeft.nodes.Node.logical_axes`); embeddings
+and prefixes take no weight decay, the matrices of an encoder do.
 """
 
 from __future__ import annotations
@@ -17,19 +17,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.models import hooks
 from jpeft.models.context import Context
+from jpeft.models.pytree import Params
 from jpeft.nodes import Node, node
 from jpeft.prompts import encoders
+from jpeft.prompts.peft_io import TABLE
 
 
-@node(trainable=("embedding",))
-class SoftPrompt(Node):
+class _BroadcastPrompt:
+    """The ``prompt_embeddings`` hook of nodes whose one ``table()`` serves every row."""
+
+    def prompt_embeddings(self, batch_size: int, ctx: Context) -> jax.Array:
+        table = self.table(ctx.module_rng("prompt_encoder"))
+        return jnp.broadcast_to(table[None], (batch_size, *table.shape))
+
+
+class _FlatPrefix:
+    """The ``prefix_key_values`` hook of nodes whose ``table()`` is peft's flat prefix."""
+
+    def prefix_key_values(self, batch_size: int, ctx: Context) -> tuple[jax.Array, jax.Array]:
+        table = self.table()
+        n, width = table.shape
+        per_layer = 2 * self.kv_heads * self.head_dim
+        if width % per_layer:
+            raise ValueError(f"prefix width {width} is not a multiple of 2 * kv_heads * head_dim")
+        kv = table.reshape(n, width // per_layer, 2, self.kv_heads, self.head_dim)
+        kv = jnp.moveaxis(kv, 0, 2)  # [layers, 2, n, kv_heads, head_dim]
+        shape = (kv.shape[0], batch_size, *kv.shape[2:])
+        return jnp.broadcast_to(kv[:, 0][:, None], shape), jnp.broadcast_to(
+            kv[:, 1][:, None], shape
+        )
+
+
+@node(trainable=("embedding",), decay=())
+class SoftPrompt(_BroadcastPrompt, Node):
     """A plain soft prompt ``embedding [n_virtual, hidden]`` (prompt tuning).
 
     Example:
         >>> p = SoftPrompt(jnp.zeros((4, 8)))
-        >>> hooks.prompt_embeddings(p, 2, Context()).shape
+        >>> p.prompt_embeddings(2, Context()).shape
         (2, 4, 8)
     """
 
@@ -40,8 +66,8 @@ class SoftPrompt(Node):
         return self.embedding
 
 
-@node(trainable=("embedding", "encoder"), static=("kind", "dropout"))
-class PromptEncoder(Node):
+@node(trainable=("embedding", "encoder"), static=("kind", "dropout"), decay=("encoder",))
+class PromptEncoder(_BroadcastPrompt, Node):
     """P-tuning: virtual-token ``embedding [n, hidden]`` through an MLP or LSTM ``encoder``.
 
     Example:
@@ -62,7 +88,7 @@ class PromptEncoder(Node):
         return encoders.mlp(self.encoder, self.embedding)
 
 
-@node(trainable=("embedding", "task_cols", "task_rows"))
+@node(trainable=("embedding", "task_cols", "task_rows"), decay=())
 class MultitaskPrompt(Node):
     """peft's multitask prompt: row ``b`` gets ``embedding * (cols[t] @ rows[t])``, ``t = ids[b]``.
 
@@ -109,16 +135,26 @@ class MultitaskPrompt(Node):
         """The shared ``embedding`` (what peft saves as ``prompt_embeddings``)."""
         return self.embedding
 
+    def prompt_embeddings(self, batch_size: int, ctx: Context) -> jax.Array:
+        """Each row's task prompt ``[B, n, hidden]``, tasks from ``ctx.task_ids``."""
+        if ctx.task_ids is None:
+            raise ValueError("a multitask prompt needs task_ids [B]: pass task_ids= to the forward")
+        if jnp.shape(ctx.task_ids) != (batch_size,):
+            raise ValueError(
+                f"task_ids: expected shape ({batch_size},), found {jnp.shape(ctx.task_ids)}"
+            )
+        return self.prompts(ctx.task_ids)
 
-@node(trainable=("embedding",), static=("kv_heads", "head_dim"))
-class Prefix(Node):
+
+@node(trainable=("embedding",), static=("kv_heads", "head_dim"), decay=())
+class Prefix(_FlatPrefix, Node):
     """Key/value prefixes ``embedding [n, layers * 2 * kv_heads * head_dim]`` (peft's layout).
 
     Viewed as ``[n, layers, 2, kv_heads, head_dim]``: per layer the keys, then the
     values. The keys are used as stored (no RoPE).
 
     Example:
-        >>> k, v = hooks.prefix_key_values(Prefix(jnp.zeros((3, 2 * 2 * 4)), 1, 4), 5, Context())
+        >>> k, v = Prefix(jnp.zeros((3, 2 * 2 * 4)), 1, 4).prefix_key_values(5, Context())
         >>> k.shape
         (2, 5, 3, 1, 4)
     """
@@ -132,8 +168,8 @@ class Prefix(Node):
         return self.embedding
 
 
-@node(trainable=("embedding", "encoder"), static=("kv_heads", "head_dim"))
-class ProjectedPrefix(Node):
+@node(trainable=("embedding", "encoder"), static=("kv_heads", "head_dim"), decay=("encoder",))
+class ProjectedPrefix(_FlatPrefix, Node):
     """Prefix tuning with reparameterization: ``embedding [n, kv_heads * head_dim]`` then
     ``Linear -> tanh -> Linear`` to the flat ``[n, layers * 2 * kv_heads * head_dim]``.
 
@@ -154,54 +190,18 @@ class ProjectedPrefix(Node):
 
 
 @jax.jit
-def export_table(node_: Any) -> jax.Array:
-    """``node_.table()`` compiled once per node structure (what the adapter file holds).
+def export_table(prompt: Any) -> jax.Array:
+    """``prompt.table()`` compiled once per node structure (what the adapter file holds).
 
     Example:
         >>> export_table(SoftPrompt(jnp.ones((2, 3)))).shape
         (2, 3)
     """
-    return node_.table()
+    return prompt.table()
 
 
-@hooks.prompt_embeddings.register(SoftPrompt)
-@hooks.prompt_embeddings.register(PromptEncoder)
-def _prompt(node_: SoftPrompt | PromptEncoder, batch_size: int, ctx: Context) -> jax.Array:
-    table = node_.table(ctx.module_rng("prompt_encoder"))
-    return jnp.broadcast_to(table[None], (batch_size, *table.shape))
-
-
-@hooks.prompt_embeddings.register(MultitaskPrompt)
-def _multitask_prompt(node_: MultitaskPrompt, batch_size: int, ctx: Context) -> jax.Array:
-    if ctx.task_ids is None:
-        raise ValueError("a multitask prompt needs task_ids [B]: pass task_ids= to the forward")
-    if jnp.shape(ctx.task_ids) != (batch_size,):
-        raise ValueError(
-            f"task_ids: expected shape ({batch_size},), found {jnp.shape(ctx.task_ids)}"
-        )
-    return node_.prompts(ctx.task_ids)
-
-
-@hooks.prefix_key_values.register(Prefix)
-@hooks.prefix_key_values.register(ProjectedPrefix)
-def _prefix(
-    node_: Prefix | ProjectedPrefix, batch_size: int, ctx: Context
-) -> tuple[jax.Array, jax.Array]:
-    table = node_.table()
-    n, width = table.shape
-    per_layer = 2 * node_.kv_heads * node_.head_dim
-    if width % per_layer:
-        raise ValueError(f"prefix width {width} is not a multiple of 2 * kv_heads * head_dim")
-    kv = table.reshape(n, width // per_layer, 2, node_.kv_heads, node_.head_dim)
-    kv = jnp.moveaxis(kv, 0, 2)  # [layers, 2, n, kv_heads, head_dim]
-    shape = (kv.shape[0], batch_size, *kv.shape[2:])
-    k = jnp.broadcast_to(kv[:, 0][:, None], shape)
-    v = jnp.broadcast_to(kv[:, 1][:, None], shape)
-    return k, v
-
-
-def install(params: dict[str, Any], entry: str, node_: Any) -> dict[str, Any]:
-    """``params`` plus ``params[entry] = node_``; refuses to replace an existing entry.
+def install(params: Params, entry: str, prompt: Any) -> Params:
+    """``params`` plus ``params[entry] = prompt``; refuses to replace an existing entry.
 
     Example:
         >>> sorted(install({"a": 1}, "prompt", 2))
@@ -209,13 +209,33 @@ def install(params: dict[str, Any], entry: str, node_: Any) -> dict[str, Any]:
     """
     if entry in params:
         raise ValueError(f"params already hold a {entry!r} entry ({type(params[entry]).__name__})")
-    return {**params, entry: node_}
+    return {**params, entry: prompt}
 
 
-def prompt_node(params: dict[str, Any], types: tuple[type, ...], owner: str) -> Any:
-    """``params["prompt"]``, checked to be one of ``types``."""
-    found = params.get("prompt")
+def entry_node(params: Params, entry: str, types: tuple[type, ...], owner: str) -> Any:
+    """``params[entry]``, checked to be one of ``types``.
+
+    Example:
+        >>> entry_node({"prompt": 1}, "prompt", (SoftPrompt,), "PromptTuning")
+        Traceback (most recent call last):
+        ValueError: PromptTuning: params['prompt'] is int; expected ['SoftPrompt']
+    """
+    found = params.get(entry)
     if not isinstance(found, types):
         names = [t.__name__ for t in types]
-        raise ValueError(f"{owner}: params['prompt'] is {type(found).__name__}; expected {names}")
+        raise ValueError(f"{owner}: params[{entry!r}] is {type(found).__name__}; expected {names}")
     return found
+
+
+def table_tensors(
+    params: Params, entry: str, types: tuple[type, ...], owner: str
+) -> dict[str, np.ndarray]:
+    """What peft saves of ``params[entry]``: its ``table()`` as ``prompt_embeddings``.
+
+    Example:
+        >>> table_tensors({"prompt": SoftPrompt(jnp.ones((2, 3)))}, "prompt", (SoftPrompt,), "x")
+        {'prompt_embeddings': array([[1., 1., 1.],
+               [1., 1., 1.]], dtype=float32)}
+    """
+    table = export_table(entry_node(params, entry, types, owner))
+    return {TABLE: np.asarray(table, np.float32)}

@@ -4,15 +4,15 @@ peft saves one tensor, ``prompt_embeddings`` (the encoder *output*), plus
 ``prefix_task_cols`` / ``prefix_task_rows`` for multitask prompts. Its
 ``adapter_config.json`` describes the model the adapter was made for
 (``num_layers``, ``token_dim``, ``num_attention_heads``...); these helpers write
-those keys and check them against a model when loading.
+those keys and check them against a model when loading (tensors are read through
+:class:`jpeft.adapter_files.AdapterTensors`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
+from jpeft.adapter_files import AdapterConfig
 from jpeft.models.config import LlamaConfig
 
 TABLE = "prompt_embeddings"
@@ -50,7 +50,7 @@ def prefix_token_dim(cfg: LlamaConfig) -> int:
     return cfg.num_key_value_heads * cfg.head_dim
 
 
-def check_model(config: dict[str, Any], cfg: LlamaConfig, prefix: bool) -> int:
+def check_model(config: AdapterConfig, cfg: LlamaConfig, prefix: bool) -> int:
     """Raise ``ValueError`` unless ``config`` was made for a model shaped like ``cfg``.
 
     Returns ``num_virtual_tokens``.
@@ -58,37 +58,20 @@ def check_model(config: dict[str, Any], cfg: LlamaConfig, prefix: bool) -> int:
     Example:
         >>> cfg = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8,
         ...                   num_hidden_layers=2, num_attention_heads=4)
-        >>> check_model(model_keys(cfg, 5, prefix=False), cfg, prefix=False)
+        >>> check_model(AdapterConfig(model_keys(cfg, 5, prefix=False)), cfg, prefix=False)
         5
     """
     expected = model_keys(cfg, 0, prefix)
     for key in ("token_dim", "num_layers"):
-        if config.get(key) is not None and config[key] != expected[key]:
-            raise ValueError(f"adapter config {key}={config[key]}, the model has {expected[key]}")
-    if config.get("num_transformer_submodules") not in (None, 1):
-        raise ValueError(
-            "adapter config num_transformer_submodules="
-            f"{config['num_transformer_submodules']}; a decoder-only LLaMA has 1"
-        )
-    n = config.get("num_virtual_tokens")
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"adapter config num_virtual_tokens={n!r}; expected a positive int")
+        found = config.get(key, int)
+        if found is not None and found != expected[key]:
+            raise ValueError(f"{config.source}: {key}={found}, the model has {expected[key]}")
+    if config.get("num_transformer_submodules", int, 1) != 1:
+        raise config.error("num_transformer_submodules", "1 (a decoder-only LLaMA has 1)")
+    n = config.require("num_virtual_tokens", int)
+    if n <= 0:
+        raise config.error("num_virtual_tokens", "a positive int")
     return n
-
-
-def read(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Tensor ``name`` as float32, checked to have ``shape``.
-
-    Example:
-        >>> read({"prompt_embeddings": np.zeros((2, 3))}, "prompt_embeddings", (2, 3)).dtype
-        dtype('float32')
-    """
-    if name not in tensors:
-        raise ValueError(f"adapter file: missing tensor {name!r}; found {sorted(tensors)}")
-    found = tensors[name]
-    if tuple(found.shape) != tuple(shape):
-        raise ValueError(f"adapter file: {name!r} has shape {found.shape}, expected {shape}")
-    return np.asarray(found, np.float32)
 
 
 def check_virtual_tokens(owner: str, n: int) -> None:

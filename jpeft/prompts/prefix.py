@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.method import Method, Params, register
+from jpeft.adapter_files import AdapterConfig, AdapterTensors
+from jpeft.method import Method, register
 from jpeft.models.config import LlamaConfig
+from jpeft.models.pytree import Params
 from jpeft.prompts import encoders, peft_io
-from jpeft.prompts.nodes import Prefix, ProjectedPrefix, export_table, install
+from jpeft.prompts.nodes import Prefix, ProjectedPrefix, install, table_tensors
 
 
 @register
@@ -81,7 +83,7 @@ class PrefixTuning(Method):
         embedding = jax.random.normal(k_embed, (n, kv_dim), jnp.float32)
         return install(params, "prefix", ProjectedPrefix(embedding, encoder, **heads))
 
-    def peft_config(self, cfg: LlamaConfig) -> dict[str, Any]:
+    def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
         return {
             "peft_type": self.peft_type,
             **peft_io.model_keys(cfg, self.num_virtual_tokens, prefix=True),
@@ -90,39 +92,30 @@ class PrefixTuning(Method):
             "init_weights": self.init_weights,
         }
 
-    def peft_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        found = params.get("prefix")
-        if not isinstance(found, Prefix | ProjectedPrefix):
-            raise ValueError(
-                f"{type(self).__name__}: params['prefix'] is {type(found).__name__}; "
-                "expected Prefix or ProjectedPrefix"
-            )
-        return {peft_io.TABLE: np.asarray(export_table(found), np.float32)}
+    def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        return table_tensors(params, "prefix", (Prefix, ProjectedPrefix), type(self).__name__)
 
     @classmethod
-    def from_peft(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, np.ndarray],
-        params: Params,
-        cfg: LlamaConfig,
+    def read_adapter(
+        cls, config: AdapterConfig, tensors: AdapterTensors, params: Params, cfg: LlamaConfig
     ) -> tuple[PrefixTuning, Params]:
         n = peft_io.check_model(config, cfg, prefix=True)
-        if config.get("num_attention_heads") not in (None, cfg.num_key_value_heads):
+        heads = config.get("num_attention_heads", int)
+        if heads not in (None, cfg.num_key_value_heads):
             raise ValueError(
-                f"adapter config num_attention_heads={config['num_attention_heads']}; a prefix for "
-                f"this model has {cfg.num_key_value_heads} (its key/value heads)"
+                f"{config.source}: num_attention_heads={heads}; a prefix for this model has "
+                f"{cfg.num_key_value_heads} (its key/value heads)"
             )
         width = cfg.num_hidden_layers * 2 * peft_io.prefix_token_dim(cfg)
-        table = peft_io.read(tensors, peft_io.TABLE, (n, width))
+        table = tensors.take(peft_io.TABLE, (n, width))
         method = cls(
             num_virtual_tokens=n,
             prefix_projection=False,
-            encoder_hidden_size=config.get("encoder_hidden_size"),
-            init_weights=config.get("init_weights"),
+            encoder_hidden_size=config.get("encoder_hidden_size", int),
+            init_weights=config.get("init_weights", str),
         )
-        node_ = Prefix(jnp.asarray(table), cfg.num_key_value_heads, cfg.head_dim)
-        return method, install(params, "prefix", node_)
+        prefix = Prefix(jnp.asarray(table), cfg.num_key_value_heads, cfg.head_dim)
+        return method, install(params, "prefix", prefix)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -9,10 +10,38 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpeft.adapter_files import AdapterConfig
 from jpeft.models.linear import dense
+from jpeft.models.pytree import Params
 from jpeft.prompts.peft_io import check_virtual_tokens
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptInit:
+    """The options of a soft prompt that starts as peft's do (a base of method dataclasses).
+
+    Args:
+        num_virtual_tokens: prompt length.
+        prompt_init: ``"RANDOM"`` (standard normal, as peft), ``"SAMPLE_VOCAB"`` (rows
+            of the embedding matrix at random token ids) or ``"TEXT"`` (the embeddings
+            of ``init_text``'s tokens, cut or repeated to ``num_virtual_tokens``).
+        init_text, tokenizer: for TEXT; ``tokenizer`` is any object with ``encode``.
+        init_token_ids: for TEXT, ids to use instead of tokenizing ``init_text``.
+        tokenizer_name_or_path: written to the peft config (peft needs it for TEXT).
+
+    Example:
+        >>> PromptInit(num_virtual_tokens=4).prompt_init
+        'RANDOM'
+    """
+
+    num_virtual_tokens: int = 20
+    prompt_init: str = "RANDOM"
+    init_text: str | None = None
+    init_token_ids: tuple[int, ...] | None = None
+    tokenizer: Any = dataclasses.field(default=None, compare=False, repr=False)
+    tokenizer_name_or_path: str | None = None
 
 
 def text_token_ids(
@@ -50,7 +79,7 @@ def text_token_ids(
 
 def initial_prompt(
     key: jax.Array,
-    params: dict[str, Any],
+    params: Params,
     n: int,
     init: str,
     text_ids: Sequence[int] | None = None,
@@ -83,7 +112,7 @@ def initial_prompt(
     return table[ids].astype(jnp.float32)
 
 
-def start_prompt(method: Any, key: jax.Array, params: dict[str, Any]) -> jax.Array:
+def start_prompt(method: Any, key: jax.Array, params: Params) -> jax.Array:
     """The ``[n, hidden]`` initial prompt of a method with prompt-init options.
 
     ``method`` has ``num_virtual_tokens``, ``prompt_init``, ``init_text``,
@@ -126,10 +155,10 @@ def peft_init_keys(method: Any) -> dict[str, Any]:
     }
 
 
-def init_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The prompt-init options of a method, read from a peft ``adapter_config.json`` dict."""
+def init_options(config: AdapterConfig) -> dict[str, Any]:
+    """The prompt-init options of a method, read from a peft ``adapter_config.json``."""
     return {
-        "prompt_init": config.get("prompt_tuning_init") or "RANDOM",
-        "init_text": config.get("prompt_tuning_init_text"),
-        "tokenizer_name_or_path": config.get("tokenizer_name_or_path"),
+        "prompt_init": config.get("prompt_tuning_init", str) or "RANDOM",
+        "init_text": config.get("prompt_tuning_init_text", str),
+        "tokenizer_name_or_path": config.get("tokenizer_name_or_path", str),
     }

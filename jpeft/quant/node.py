@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models.context import Context
-from jpeft.models.linear import dense, matmul
 from jpeft.nodes import Node, node
 from jpeft.quant import kernels
 from jpeft.quant.double import double_dequantize, double_quantize
@@ -100,6 +99,13 @@ class QuantizedWeight(Node):
             return dequantize_kernel(*args, self.quant_type, self.blocksize, dtype)
         shape = (self.in_features, self.out_features)
         return dequantize_flat(*args, shape, self.quant_type, self.blocksize, dtype)
+
+    def dense(self) -> jax.Array:
+        return self.dequantize(jnp.float32)
+
+    def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
+        """``x @ W`` through :func:`jpeft.quant.kernels.matmul` (fused kernels on CUDA)."""
+        return kernels.matmul(x.astype(ctx.dtype), self)
 
     def logical_axes(self, base: tuple[str | None, ...] | None):
         """The kernel layout follows the base (``packed`` and absmax ``[..., out, in]``);
@@ -196,13 +202,3 @@ def with_implementation(tree: Any, implementation: str | None) -> Any:
         tree,
         is_leaf=lambda x: isinstance(x, QuantizedWeight),
     )
-
-
-@dense.register(QuantizedWeight)
-def _dense(w: QuantizedWeight) -> jax.Array:
-    return w.dequantize(jnp.float32)
-
-
-@matmul.register(QuantizedWeight)
-def _matmul(w: QuantizedWeight, x: jax.Array, ctx: Context, name: str) -> jax.Array:
-    return kernels.matmul(x.astype(ctx.dtype), w)

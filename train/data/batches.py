@@ -8,7 +8,7 @@ import numpy as np
 
 from jpeft.train.data.bucket import bucket_plan, default_buckets
 from jpeft.train.data.collate import BatchPlan, collate
-from jpeft.train.data.encode import Example, too_long_message
+from jpeft.train.data.example import Example, check_examples
 from jpeft.train.data.pack import pack_plan
 
 
@@ -21,18 +21,22 @@ class BatchIterator:
     groups examples of similar length, each batch padded to its bucket length from
     ``buckets`` (default: powers of two up to ``seq_len``). A partial batch at the end of an
     epoch (or of a bucket) is filled with empty rows (zero attention and loss masks) unless
-    ``drop_remainder``.
+    ``drop_remainder``. Every example must fit ``seq_len`` and have a target token (else
+    ValueError naming it), so no batch has an all-masked loss.
 
     ``state`` is a small dict ``{"epoch": e, "index": i}``: the batch that comes next is batch
     ``i`` of epoch ``e``. Save it with a checkpoint and pass it back (``state=`` or
     ``load_state``) to continue with exactly the batches an uninterrupted run would see.
 
     Example:
+        >>> examples = [Example(np.arange(n), np.arange(n) > 1) for n in range(3, 30)]
         >>> it = BatchIterator(examples, batch_size=8, seq_len=128, seed=0)
         >>> batch = next(it)                  # dict of int32 [8, 128] arrays
-        >>> saved = it.state                  # {"epoch": 0, "index": 1}
-        >>> it2 = BatchIterator(examples, batch_size=8, seq_len=128, seed=0, state=saved)
-        >>> # next(it2) equals next(it)
+        >>> batch["input_ids"].shape, it.state
+        ((8, 128), {'epoch': 0, 'index': 1})
+        >>> it2 = BatchIterator(examples, batch_size=8, seq_len=128, seed=0, state=it.state)
+        >>> bool((next(it2)["input_ids"] == next(it)["input_ids"]).all())
+        True
     """
 
     def __init__(
@@ -55,9 +59,7 @@ class BatchIterator:
             )
         if not examples:
             raise ValueError("no examples to batch")
-        for i, ex in enumerate(examples):
-            if len(ex) > seq_len:
-                raise ValueError(too_long_message(i, ex, seq_len))
+        check_examples(examples, seq_len)
         self.examples = examples
         self.batch_size, self.seq_len = batch_size, seq_len
         self.packing, self.seed, self.pad_id = packing, seed, pad_id
@@ -82,7 +84,10 @@ class BatchIterator:
         """The batch plans of one epoch (computed once per epoch and cached).
 
         Example:
-            >>> len(it.plan(0))               # batches in epoch 0
+            >>> examples = [Example(np.arange(n), np.arange(n) > 1) for n in range(3, 30)]
+            >>> it = BatchIterator(examples, batch_size=8, seq_len=32, packing=False)
+            >>> sorted(p.length for p in it.plan(0))  # epoch 0: length-bucketed batches
+            [16, 16, 32, 32]
         """
         if self._cache is None or self._cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
@@ -106,9 +111,10 @@ class BatchIterator:
         ``shuffle=False`` this is one deterministic pass, as for evaluation.
 
         Example:
-            >>> for batch in BatchIterator(eval_examples, batch_size=8, seq_len=128,
-            ...                            shuffle=False).epoch_batches():
-            ...     ...
+            >>> examples = [Example(np.arange(n), np.arange(n) > 1) for n in range(3, 30)]
+            >>> it = BatchIterator(examples, batch_size=8, seq_len=128, shuffle=False)
+            >>> [b["input_ids"].shape for b in it.epoch_batches()]
+            [(8, 128)]
         """
         for p in self.plan(epoch):
             yield collate(self.examples, p, self.pad_id, self.packing)
@@ -122,7 +128,11 @@ class BatchIterator:
         """Continue from a saved ``state``.
 
         Example:
-            >>> it.load_state({"epoch": 2, "index": 17})
+            >>> examples = [Example(np.arange(n), np.arange(n) > 1) for n in range(3, 30)]
+            >>> it = BatchIterator(examples, batch_size=2, seq_len=32)
+            >>> it.load_state({"epoch": 2, "index": 3})
+            >>> it.state
+            {'epoch': 2, 'index': 3}
         """
         if set(state) != {"epoch", "index"}:
             raise ValueError(f"state must have keys 'epoch' and 'index', found {sorted(state)}")

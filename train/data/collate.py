@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jpeft.train.data.encode import Example
+from jpeft.train.data.example import Example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +16,9 @@ class BatchPlan:
     after another. An empty row is padding that keeps the batch size fixed.
 
     Example:
-        >>> BatchPlan(length=8, rows=((0, 2), (1,), ()))   # B=3, T=8; row 0 packs two
+        >>> plan = BatchPlan(length=8, rows=((0, 2), (1,), ()))   # B=3, T=8; row 0 packs two
+        >>> len(plan.rows), plan.length
+        (3, 8)
     """
 
     length: int
@@ -34,8 +36,10 @@ def collate(
     segment), from which the model builds a block-diagonal causal mask.
 
     Example:
+        >>> examples = [Example(np.arange(3), [0, 1, 1]), Example(np.arange(4), [0, 0, 1, 1])]
         >>> batch = collate(examples, BatchPlan(8, ((0, 1),)), pad_id=3)
-        >>> batch["segment_ids"]        # e.g. [[1, 1, 1, 2, 2, 2, 2, 0]]
+        >>> batch["segment_ids"].tolist(), batch["position_ids"].tolist()
+        ([[1, 1, 1, 2, 2, 2, 2, 0]], [[0, 1, 2, 0, 1, 2, 3, 0]])
     """
     shape = (len(plan.rows), plan.length)
     input_ids = np.full(shape, pad_id, dtype=np.int32)

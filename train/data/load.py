@@ -1,30 +1,35 @@
-"""One call from a data file to tokenized examples."""
+"""One call from any data file to records."""
 
 from __future__ import annotations
 
 import os
 
-from jpeft.models.tokenizer import Tokenizer
-from jpeft.train.data.corpus import corpus_examples, read_documents
-from jpeft.train.data.encode import Example, encode_records, fit_length
-from jpeft.train.data.jsonl import read_jsonl
+from jpeft.train.data.corpus import read_documents
+from jpeft.train.data.files import is_record_file, read_records
+from jpeft.train.data.records import Record
 
 
-def load_examples(
-    path: str | os.PathLike, tokenizer: Tokenizer, max_len: int, truncate: bool = False
-) -> list[Example]:
-    """Tokenized examples of a ``.jsonl`` instruction file or of a plain-text corpus (any
-    other suffix: documents separated by blank lines, cut into ``max_len`` pieces).
-
-    Instruction examples longer than ``max_len`` raise ValueError naming the example, unless
-    ``truncate=True`` (then they keep their first ``max_len`` tokens).
+def read_data(path: str | os.PathLike, format: str = "auto") -> list[Record]:
+    """The records of a data file: a JSONL, JSON or Parquet file of records (see
+    :func:`~jpeft.train.data.files.read_records`), or any other file as plain text whose
+    documents (separated by blank lines) become text records.
 
     Example:
-        >>> examples = load_examples("assets/data/train.jsonl", tok, max_len=256)
+        >>> from jpeft import assets
+        >>> read_data(assets.path("data/train.jsonl"))[0].kind
+        'prompt-response'
+        >>> read_data(assets.path("data/corpus.txt"))[0].kind
+        'text'
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path!r}")
-    if path.endswith(".jsonl"):
-        return fit_length(encode_records(tokenizer, read_jsonl(path)), max_len, truncate)
-    return corpus_examples(tokenizer, read_documents(path), max_len, source=path)
+    if is_record_file(path):
+        return read_records(path, format)
+    if format not in ("auto", "text"):
+        raise ValueError(
+            f"{path}: a plain-text file holds text documents, not {format} records; "
+            "give a .jsonl, .json or .parquet file"
+        )
+    documents = read_documents(path)
+    return [Record(text=d, source=f"{path} document {i}") for i, d in enumerate(documents)]

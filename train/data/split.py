@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jpeft.train.data.jsonl import Record
+from jpeft.train.data.records import Record
 
 
 def split_eval(
@@ -19,7 +19,10 @@ def split_eval(
     both parts keep the input order.
 
     Example:
-        >>> train, held_out = split_eval(read_jsonl("data.jsonl"), fraction=0.1, seed=0)
+        >>> records = [Record(prompt=f"q{i % 15}", response="a") for i in range(20)]
+        >>> train, held_out = split_eval(records, fraction=0.1, seed=0)
+        >>> len(train) + len(held_out), {r.key() for r in train} & {r.key() for r in held_out}
+        (20, set())
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"eval fraction must be in (0, 1), found {fraction}")
