@@ -15,6 +15,7 @@ from jpeft.models.atomic import atomic_path, write_json
 from jpeft.models.config import LlamaConfig
 from jpeft.models.files import read_json
 from jpeft.models.pytree import Params
+from jpeft.quant.node import QuantizedWeight
 
 BASE_NAME = "jpeft_base.json"  # the base's quantization; a side file, which peft ignores
 
@@ -58,14 +59,13 @@ def save_hf_adapter(
 
 def _quantization(params: Params) -> dict[str, Any] | None:
     """The 4-bit settings of the base's quantized kernels (QLoRA's NF4), or None."""
-    quantized = lambda x: hasattr(x, "quant_type") and hasattr(x, "blocksize")
+    quantized = lambda x: isinstance(x, QuantizedWeight)
     for leaf in jax.tree.leaves(params, is_leaf=quantized):
         if quantized(leaf):
-            double = getattr(leaf, "offset", None) is not None
             return {
                 "quant_type": leaf.quant_type,
                 "blocksize": leaf.blocksize,
-                "double_quant": double,
+                "double_quant": leaf.double_quant,
             }
     return None
 

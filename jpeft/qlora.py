@@ -74,7 +74,7 @@ def _check_settings(kernel: QuantizedWeight, method: QLoRA, module: str) -> None
     found = dict(
         quant_type=kernel.quant_type,
         blocksize=kernel.blocksize,
-        double_quant=kernel.offset is not None,
+        double_quant=kernel.double_quant,
     )
     wanted = method.settings()
     if found != wanted:

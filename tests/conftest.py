@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -106,9 +107,14 @@ def saved_nf4_base(tmp_path_factory) -> tuple[LlamaConfig, dict, pathlib.Path]:
 
 
 def bnb_4bit_model(
-    path, quant_type: str = "nf4", double_quant: bool = True, **config
+    path, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64, **config
 ) -> transformers.LlamaForCausalLM:
-    """transformers + bitsandbytes 4-bit (CPU, fp32 compute) from an HF directory, eval mode."""
+    """transformers + bitsandbytes 4-bit (CPU, fp32 compute) from an HF directory, eval mode.
+
+    ``BitsAndBytesConfig`` has no blocksize option; bitsandbytes' ``Params4bit`` takes one,
+    and transformers carries a ``Linear4bit`` weight's own attributes into the quantized
+    parameter, so other blocksizes are set on each new ``Linear4bit``'s weight.
+    """
     bnb = transformers.BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
@@ -116,9 +122,18 @@ def bnb_4bit_model(
         bnb_4bit_compute_dtype=torch.float32,
         **config,
     )
-    return transformers.LlamaForCausalLM.from_pretrained(
-        path, quantization_config=bnb, device_map="cpu", dtype=torch.float32
-    ).eval()
+    import bitsandbytes
+
+    init = bitsandbytes.nn.Linear4bit.__init__
+
+    def init_with_blocksize(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.weight.blocksize = blocksize
+
+    with mock.patch.object(bitsandbytes.nn.Linear4bit, "__init__", init_with_blocksize):
+        return transformers.LlamaForCausalLM.from_pretrained(
+            path, quantization_config=bnb, device_map="cpu", dtype=torch.float32
+        ).eval()
 
 
 def run_on_cpu_devices(script: str, devices: int = 8) -> str:

@@ -12,8 +12,9 @@ transformers saves a ``Linear4bit`` weight ``W`` (torch ``[out, in]``) as:
   ``quant_type``, ``blocksize``, ``dtype``, ``shape`` and, nested, ``nested_blocksize``,
   ``nested_dtype`` and ``nested_offset``.
 
-:func:`bnb_4bit_format` reads them into a :class:`QuantizedWeight` in the kernel
-layout: the same bits :func:`jpeft.quant.quantize` gives for the fp32 weights the
+:func:`bnb_4bit_format` reads them into a :class:`QuantizedWeight` (in the kernel layout
+when ``in % blocksize == 0``, else bitsandbytes' flat layout; :mod:`jpeft.quant.layout`):
+the same bits :func:`jpeft.quant.quantize` gives for the fp32 weights the
 checkpoint was made from (``tests/test_bnb_checkpoint.py``). ``jpeft.quant``
 registers it, so ``jpeft.models.hf.load_pretrained`` reads such a directory directly.
 """
@@ -30,7 +31,8 @@ import numpy as np
 
 from jpeft.quant.double import NESTED_BLOCKSIZE
 from jpeft.quant.dynamic import dynamic_map
-from jpeft.quant.fourbit import check_blocksize, check_quant_type, code_table, flat_to_kernel
+from jpeft.quant.fourbit import check_blocksize, check_quant_type, code_table
+from jpeft.quant.layout import bnb_to_layout
 from jpeft.quant.node import QuantizedWeight
 
 
@@ -70,20 +72,31 @@ class Bnb4bitFormat:
         absmax = tensors[f"{key}.absmax"]
         _check_dtype(key, "absmax", absmax, np.uint8 if self.double_quant else np.float32)
         _check_dtype(key, "", tensors[key], np.uint8)
-        try:
-            packed, absmax = flat_to_kernel(tensors[key], absmax, shape, blocksize)
-        except ValueError as e:
-            raise ValueError(f"{key}: {e}") from e
-        offset = nested = None
+        packed, absmax = bnb_to_layout(key, tensors[key], absmax, shape, blocksize)
+        codes = nested = offset = None
         if self.double_quant:
             signed = np.asarray(dynamic_map(signed=True), np.float32)
             _check_table(key, "nested_quant_map", tensors[f"{key}.nested_quant_map"], signed)
             nested = tensors[f"{key}.nested_absmax"]
             _check_dtype(key, "nested_absmax", nested, np.float32)
+            want = (-(-absmax.size // NESTED_BLOCKSIZE),)
+            if nested.shape != want:
+                raise ValueError(
+                    f"{key}.nested_absmax: shape {list(nested.shape)}, expected {list(want)} "
+                    f"(one per {NESTED_BLOCKSIZE} absmax codes)"
+                )
+            codes, absmax, nested = jnp.asarray(absmax), None, jnp.asarray(nested)
             offset = jnp.float32(state["nested_offset"])  # JSON holds the fp32 value exactly
-            nested = jnp.asarray(nested)
         return QuantizedWeight(
-            jnp.asarray(packed), jnp.asarray(absmax), offset, nested, self.quant_type, blocksize
+            packed=jnp.asarray(packed),
+            absmax=None if absmax is None else jnp.asarray(absmax),
+            quantized_absmax=codes,
+            nested_absmax=nested,
+            nested_offset=offset,
+            quant_type=self.quant_type,
+            blocksize=blocksize,
+            in_features=shape[1],
+            out_features=shape[0],
         )
 
     def _check_state(self, key: str, state: dict[str, Any], shape: tuple[int, int]) -> int:

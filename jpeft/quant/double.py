@@ -82,29 +82,36 @@ def _row_sum(x: jax.Array) -> jax.Array:
 
 
 def torch_sum(x: jax.Array) -> jax.Array:
-    """fp32 sum of a 1-D array in exactly the order of torch's single-threaded CPU ``sum``.
+    """fp32 sums over the last axis in exactly the order of torch's single-threaded CPU ``sum``.
+
+    Leading axes are independent tensors (``[..., n] -> [...]``).
 
     Example:
         >>> torch_sum(jnp.arange(10, dtype=jnp.float32)).item()
         45.0
     """
-    x = x.reshape(-1).astype(jnp.float32)
-    if x.shape[0] < _LANES:
-        return _row_sum(x)
-    vectors = x.shape[0] // _LANES
-    lanes = _row_sum(x[: vectors * _LANES].reshape(vectors, _LANES))
-    return _fold(lanes, _fold(x[vectors * _LANES :]))
+    y = jnp.moveaxis(x.astype(jnp.float32), -1, 0)  # [n, ...]: the helpers reduce axis 0
+    n, batch = y.shape[0], y.shape[1:]
+    if n < _LANES:
+        return _row_sum(y)
+    vectors = n // _LANES
+    lanes = _row_sum(y[: vectors * _LANES].reshape(vectors, _LANES, *batch))
+    return _fold(lanes, _fold(y[vectors * _LANES :]))
 
 
 def torch_mean(x: jax.Array) -> jax.Array:
-    """``torch.mean`` of a 1-D fp32 array on CPU (single-threaded): :func:`torch_sum` / n.
+    """``torch.mean`` over the last axis on CPU (single-threaded): :func:`torch_sum` / n.
 
     Example:
         >>> torch_mean(jnp.array([1.0, 2.0, 4.0])).item()
         2.3333332538604736
     """
-    n = lax.optimization_barrier(jnp.float32(x.size))  # keep XLA from using a reciprocal
-    return torch_sum(x) / n
+    total = torch_sum(x)
+    # XLA turns a division by a broadcast divisor (a batch of means over one n) into a
+    # multiplication by its reciprocal; a divisor of the sums' own shape that comes out of
+    # a barrier stays a true division.
+    n = lax.optimization_barrier(jnp.full(total.shape, x.shape[-1], jnp.float32))
+    return total / n
 
 
 def _check_batch(shape: tuple[int, ...], batch_ndim: int) -> tuple[int, ...]:
@@ -141,13 +148,12 @@ def double_quantize(
     if absmax.dtype != jnp.float32:
         raise ValueError(f"absmax must be float32, got {absmax.dtype}")
     flat = absmax.reshape(math.prod(batch), -1)
+    offset = torch_mean(flat)  # not under vmap: see torch_mean
 
-    def one(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        offset = torch_mean(a)
-        codes, nested = dynamic.quantize_blockwise(a - offset, _signed_map(), nested_blocksize)
-        return codes, offset, nested
+    def one(centred: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return dynamic.quantize_blockwise(centred, _signed_map(), nested_blocksize)
 
-    codes, offset, nested = jax.vmap(one)(flat)
+    codes, nested = jax.vmap(one)(flat - offset[:, None])
     return codes.reshape(absmax.shape), offset.reshape(batch), nested.reshape(*batch, -1)
 
 

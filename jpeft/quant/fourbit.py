@@ -1,16 +1,10 @@
-"""Blockwise 4-bit quantization (NF4 / FP4), bit-exact with bitsandbytes.
+"""Blockwise 4-bit quantization (NF4 / FP4) of one tensor, bit-exact with bitsandbytes.
 
-Two layouts hold the same numbers:
-
-* **flat** (bitsandbytes' own): the tensor is flattened row-major and cut into
-  blocks of ``blocksize`` values; a partial last block gets its own absmax.
-  ``packed`` is uint8 ``[(n + 1) // 2, 1]`` and ``absmax`` fp32 ``[ceil(n / blocksize)]``,
-  exactly what ``bitsandbytes.functional.quantize_4bit`` returns for the torch tensor.
-* **kernel**: for a Flax kernel ``[..., in, out]`` (torch weight ``[out, in]``) the
-  blocks run along ``in`` for each output row, so ``packed`` is ``[..., out, in // 2]``
-  and ``absmax`` ``[..., out, in // blocksize]``; both shard like the base kernel.
-  It needs ``in % blocksize == 0``. Every leading index (a scanned layer) is one
-  bitsandbytes tensor; :func:`kernel_to_flat` / :func:`flat_to_kernel` convert.
+The tensor is flattened row-major and cut into blocks of ``blocksize`` values; a
+partial last block gets its own absmax. ``packed`` is uint8 ``[(n + 1) // 2, 1]`` and
+``absmax`` fp32 ``[ceil(n / blocksize)]``, exactly what
+``bitsandbytes.functional.quantize_4bit`` returns for the torch tensor (its *flat*
+layout). :mod:`jpeft.quant.layout` arranges these numbers for Flax kernels.
 
 bitsandbytes semantics reproduced here (read from its CPU/default backend and
 checked against it in ``tests/test_fourbit.py``):
@@ -86,7 +80,9 @@ FP4_TABLE = np.array(
 FP4_TABLE.flags.writeable = False
 
 # What dequantization multiplies: FP4 code 8 (sign bit set) decodes to -0.0.
-_DECODE = {"nf4": NF4_TABLE, "fp4": np.where(np.arange(16) == 8, np.float32(-0.0), FP4_TABLE)}
+_FP4_DECODE = np.where(np.arange(16) == 8, np.float32(-0.0), FP4_TABLE)
+_FP4_DECODE.flags.writeable = False
+_DECODE = {"nf4": NF4_TABLE, "fp4": _FP4_DECODE}
 _CLAMP = np.float32(1e-38)  # bitsandbytes' absmax clamp (a subnormal in fp32)
 
 
@@ -118,7 +114,12 @@ def check_blocksize(blocksize: int) -> int:
     return int(blocksize)
 
 
-def _check_float_dtype(name: str, dtype: jnp.dtype) -> None:
+def check_float_dtype(name: str, dtype: jnp.dtype) -> None:
+    """Raise ValueError naming ``name`` unless ``dtype`` is one bitsandbytes quantizes.
+
+    Example:
+        >>> check_float_dtype("x.dtype", jnp.bfloat16)
+    """
     if np.dtype(dtype) not in FLOAT_DTYPES:
         raise ValueError(
             f"{name} must be float32, bfloat16 or float16 (as in bitsandbytes), got {dtype}"
@@ -136,6 +137,19 @@ def code_table(quant_type: str) -> np.ndarray:
         (0.0, 1.0)
     """
     return NF4_TABLE if check_quant_type(quant_type) == "nf4" else FP4_TABLE
+
+
+def decode_table(quant_type: str) -> np.ndarray:
+    """The 16 fp32 values dequantization multiplies by the absmax, indexed by 4-bit code.
+
+    :func:`code_table`, except FP4 code 8 (sign bit set) decodes to ``-0.0`` as in
+    bitsandbytes' CUDA and native CPU kernels (see the module docstring).
+
+    Example:
+        >>> str(decode_table("fp4")[8]), str(code_table("fp4")[8])
+        ('-0.0', '0.0')
+    """
+    return _DECODE[check_quant_type(quant_type)]
 
 
 @functools.cache
@@ -186,8 +200,15 @@ def unpack(packed: jax.Array) -> jax.Array:
     return jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
-def _reciprocal(absmax: jax.Array) -> jax.Array:
-    """``1 / clamp(absmax, 1e-38)``, with 0 where absmax is 0 (the block is all zeros)."""
+def inverse_absmax(absmax: jax.Array) -> jax.Array:
+    """``1 / clamp(absmax, 1e-38)``, with 0 where absmax is 0 (the block is all zeros).
+
+    What bitsandbytes multiplies a full block by before rounding to codes.
+
+    Example:
+        >>> inverse_absmax(jnp.array([2.0, 0.0])).tolist()
+        [0.5, 0.0]
+    """
     return jnp.where(absmax > 0, 1.0 / jnp.maximum(absmax, _CLAMP), 0.0)
 
 
@@ -207,7 +228,7 @@ def quantize_4bit(
     """
     check_quant_type(quant_type)
     check_blocksize(blocksize)
-    _check_float_dtype("x.dtype", x.dtype)
+    check_float_dtype("x.dtype", x.dtype)
     if x.size == 0:
         raise ValueError(f"cannot quantize an empty array (shape {x.shape})")
     flat = x.reshape(-1).astype(jnp.float32)
@@ -217,7 +238,7 @@ def quantize_4bit(
     if full:
         blocks = flat[:full].reshape(-1, blocksize)
         absmax = jnp.max(jnp.abs(blocks), axis=1)
-        parts_scaled.append((blocks * _reciprocal(absmax)[:, None]).reshape(-1))
+        parts_scaled.append((blocks * inverse_absmax(absmax)[:, None]).reshape(-1))
         parts_absmax.append(absmax)
     if full < n:
         tail = flat[full:]
@@ -256,7 +277,7 @@ def dequantize_4bit(
     """
     check_quant_type(quant_type)
     check_blocksize(blocksize)
-    _check_float_dtype("dtype", dtype)
+    check_float_dtype("dtype", dtype)
     shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape))
     nblocks = -(-n // blocksize)
@@ -265,7 +286,7 @@ def dequantize_4bit(
             f"shape {shape} with blocksize {blocksize} needs {(n + 1) // 2} packed bytes and "
             f"absmax of shape ({nblocks},); got {packed.size} bytes and absmax {absmax.shape}"
         )
-    values = jnp.asarray(_DECODE[quant_type])[unpack(packed.reshape(-1))[:n]]
+    values = jnp.asarray(decode_table(quant_type))[unpack(packed.reshape(-1))[:n]]
     absmax = absmax.astype(jnp.float32)
     full = n - n % blocksize
     parts = []
@@ -275,130 +296,3 @@ def dequantize_4bit(
         parts.append(values[full:] * absmax[-1])
     out = jnp.concatenate([p.reshape(-1) for p in parts])
     return out.astype(dtype).reshape(shape)
-
-
-def _check_kernel(shape: tuple[int, ...], blocksize: int) -> tuple[int, int]:
-    if len(shape) < 2:
-        raise ValueError(f"a kernel must be [..., in, out], got shape {shape}")
-    d_in, d_out = shape[-2], shape[-1]
-    if d_in % blocksize:
-        raise ValueError(
-            f"the kernel layout needs in_features % blocksize == 0, but kernel shape {shape} "
-            f"has in_features={d_in} and blocksize={blocksize}; use the flat layout "
-            f"(quantize_4bit) or another blocksize"
-        )
-    return d_in, d_out
-
-
-@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize"))
-def quantize_kernel(
-    kernel: jax.Array, quant_type: str = "nf4", blocksize: int = 64
-) -> tuple[jax.Array, jax.Array]:
-    """Quantize a Flax kernel ``[..., in, out]`` with blocks along ``in`` (kernel layout).
-
-    Returns ``(packed uint8 [..., out, in // 2], absmax float32 [..., out, in // blocksize])``;
-    each leading index equals bitsandbytes' quantization of the torch weight
-    ``kernel[i].T`` (see :func:`kernel_to_flat`).
-
-    Example:
-        >>> packed, absmax = quantize_kernel(jnp.ones((2, 128, 3)), "nf4", 64)
-        >>> packed.shape, absmax.shape
-        ((2, 3, 64), (2, 3, 2))
-    """
-    check_quant_type(quant_type)
-    check_blocksize(blocksize)
-    _check_float_dtype("kernel.dtype", kernel.dtype)
-    d_in, d_out = _check_kernel(kernel.shape, blocksize)
-    lead = kernel.shape[:-2]
-    # Work in the kernel's own [in, out] order and transpose only the small results: a
-    # transposed read fused into the encoding is ~15x slower on CPU.
-    blocks = kernel.astype(jnp.float32).reshape(*lead, d_in // blocksize, blocksize, d_out)
-    absmax = jnp.max(jnp.abs(blocks), axis=-2)
-    scaled = jnp.clip(blocks * _reciprocal(absmax)[..., None, :], -1.0, 1.0)
-    codes = encode(scaled, quant_type).reshape(*lead, d_in // 2, 2, d_out)
-    packed = (codes[..., 0, :] << 4) | codes[..., 1, :]
-    return jnp.swapaxes(packed, -1, -2), jnp.swapaxes(absmax, -1, -2)
-
-
-@functools.partial(jax.jit, static_argnames=("quant_type", "blocksize", "dtype"))
-def dequantize_kernel(
-    packed: jax.Array,
-    absmax: jax.Array,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    dtype: jnp.dtype = jnp.bfloat16,
-) -> jax.Array:
-    """Inverse of :func:`quantize_kernel`: returns the kernel ``[..., in, out]`` in ``dtype``.
-
-    Example:
-        >>> packed, absmax = quantize_kernel(jnp.ones((128, 3)), "nf4", 64)
-        >>> dequantize_kernel(packed, absmax, "nf4", 64, jnp.float32).shape
-        (128, 3)
-    """
-    check_quant_type(quant_type)
-    check_blocksize(blocksize)
-    _check_float_dtype("dtype", dtype)
-    if packed.ndim < 2:
-        raise ValueError(f"kernel-layout packed must be [..., out, in // 2], got {packed.shape}")
-    *lead, d_out, half = packed.shape
-    d_in = 2 * half
-    if d_in % blocksize or absmax.shape != (*lead, d_out, d_in // blocksize):
-        raise ValueError(
-            f"packed {packed.shape} (in_features={d_in}) with blocksize {blocksize} needs "
-            f"absmax of shape {(*lead, d_out, d_in // blocksize)}, got {absmax.shape}"
-        )
-    values = jnp.asarray(_DECODE[quant_type])[unpack(packed)]
-    values = values.reshape(*lead, d_out, d_in // blocksize, blocksize)
-    w = (values * absmax.astype(jnp.float32)[..., None]).astype(dtype)
-    return jnp.swapaxes(w.reshape(*lead, d_out, d_in), -1, -2)
-
-
-def kernel_to_flat(packed: jax.Array, absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Kernel layout -> bitsandbytes' flat layout, per leading index.
-
-    ``packed [..., out, in // 2] -> [..., out * in // 2, 1]`` and
-    ``absmax [..., out, nb] -> [..., out * nb]``. Works for fp32 absmax and for the
-    uint8 codes of a double-quantized absmax alike.
-
-    Example:
-        >>> p, a = kernel_to_flat(jnp.zeros((3, 64), jnp.uint8), jnp.ones((3, 2)))
-        >>> p.shape, a.shape
-        ((192, 1), (6,))
-    """
-    if packed.ndim < 2 or absmax.shape[:-1] != packed.shape[:-1]:
-        raise ValueError(
-            f"kernel-layout packed [..., out, in/2] and absmax [..., out, nb] must agree on "
-            f"[..., out]; got packed {packed.shape} and absmax {absmax.shape}"
-        )
-    lead = packed.shape[:-2]
-    return packed.reshape(*lead, -1, 1), absmax.reshape(*lead, -1)
-
-
-def flat_to_kernel(
-    packed: jax.Array, absmax: jax.Array, torch_shape: tuple[int, int], blocksize: int = 64
-) -> tuple[jax.Array, jax.Array]:
-    """bitsandbytes' flat layout of a torch weight ``[out, in]`` -> kernel layout.
-
-    ``packed [..., out * in // 2, 1] -> [..., out, in // 2]`` and
-    ``absmax [..., nb] -> [..., out, in // blocksize]`` (fp32 or uint8 codes).
-
-    Example:
-        >>> p, a = flat_to_kernel(jnp.zeros((192, 1), jnp.uint8), jnp.ones(6), (3, 128), 64)
-        >>> p.shape, a.shape
-        ((3, 64), (3, 2))
-    """
-    check_blocksize(blocksize)
-    d_out, d_in = (int(d) for d in torch_shape)
-    _check_kernel((d_in, d_out), blocksize)
-    lead = packed.shape[:-2]
-    n = d_out * d_in
-    if packed.shape[-2:] != (n // 2, 1) or absmax.shape != (*lead, n // blocksize):
-        raise ValueError(
-            f"torch shape {torch_shape} with blocksize {blocksize} needs packed "
-            f"[..., {n // 2}, 1] and absmax [..., {n // blocksize}]; got packed "
-            f"{packed.shape} and absmax {absmax.shape}"
-        )
-    return (
-        packed.reshape(*lead, d_out, d_in // 2),
-        absmax.reshape(*lead, d_out, d_in // blocksize),
-    )
