@@ -22,7 +22,7 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.flash_attention import RESIDUALS
 from jpeft.models.layers import decoder_layer, rms_norm
-from jpeft.models.linear import dense, linear
+from jpeft.models.linear import linear, lookup, tied_output
 from jpeft.models.pytree import Params, put_path
 from jpeft.models.rope import rotary_tables
 
@@ -106,7 +106,7 @@ def forward(
     b, t = input_ids.shape
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
     mask = mask.astype(jnp.int32)
-    x = dense(params["embed_tokens"]["embedding"])[input_ids].astype(ctx.dtype)
+    x = lookup(params["embed_tokens"]["embedding"], input_ids, ctx).astype(ctx.dtype)
     peft = hooks.method_inputs(params, b, ctx, prefill=cache is None or not cache.started)
     x, mask, position_ids, n_prompt = _prepend_prompt(
         peft.prompt, x, mask, position_ids, segment_ids
@@ -175,7 +175,9 @@ def lm_head(
 ) -> jax.Array:
     """Logits ``[..., vocab]`` of final normed hidden states ``x [..., hidden]``.
 
-    The output embedding, or the input embedding when ``cfg.tie_word_embeddings``.
+    The output embedding, or the input embedding when ``cfg.tie_word_embeddings``
+    (:func:`jpeft.models.linear.tied_output` of its node: a LoRA on ``embed_tokens``
+    adapts the input only, as peft's does).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -185,7 +187,7 @@ def lm_head(
     """
     ctx = ctx or Context()
     if cfg.tie_word_embeddings:
-        return x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
+        return x @ tied_output(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
     return linear(params["lm_head"], x, ctx, "lm_head")
 
 
