@@ -181,7 +181,7 @@ class LoRA(Method):
             False: jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0),
             True: jax.random.normal(key, (sum(sizes),), jnp.float32),
         }
-        starts = np.concatenate([[0], np.cumsum(sizes)])
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
         return [
             flat[n][start : start + size].reshape(shape)
             for n, start, size, shape in zip(normal, starts, sizes, shapes, strict=True)
