@@ -89,39 +89,50 @@ def setups():
     return [(name, False) for name in CASES] + [(name, True) for name in TIED_CASES]
 
 
-@pytest.mark.parametrize("name, tied", setups())
-def test_our_adapter_loads_in_peft(name, tied, tmp_path):
-    cfg = tiny_config(tie_word_embeddings=tied)
-    params = llama.init_params(jax.random.key(0), cfg)
+def ours_in_peft(name, params, cfg, hf_model, path, label):
+    """Save case ``name`` from jpeft, load it in peft over ``hf_model``; the rel. error."""
     ids, mask = batch(cfg)
     method = jpeft_method(CASES[name])
     adapted = perturb(method.init(jax.random.key(1), params, cfg))
-    jpeft.save_hf_adapter(tmp_path, method, adapted, cfg)
-    model = peft.PeftModel.from_pretrained(hf_twin(params, cfg), tmp_path).eval()
+    jpeft.save_hf_adapter(path, method, adapted, cfg)
+    model = peft.PeftModel.from_pretrained(hf_model, path).eval()
     ref = peft_logits(model, ids, mask)
     base = np.asarray(forward(params, cfg, ids, attention_mask=mask))
     assert relative_error(base, ref, mask) > 1e-3  # the adapter changes the logits
     err = relative_error(forward(adapted, cfg, ids, attention_mask=mask), ref, mask)
-    print(f"jpeft -> peft {name} tied={tied}: {err:.2e}")
-    assert err < 1e-5
+    print(f"jpeft -> peft {label}: {err:.2e}")
+    return err
+
+
+def peft_here(name, params, cfg, hf_model, path, label):
+    """Save case ``name`` from peft over ``hf_model``, load it here: ``(rel. error, params)``."""
+    ids, mask = batch(cfg)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(hf_model, peft.LoraConfig(r=4, lora_alpha=8, **CASES[name]))
+    perturb_peft(model)
+    model.eval().save_pretrained(path)
+    method, loaded = jpeft.load_hf_adapter(path, params, cfg)
+    assert method == jpeft_method(CASES[name])
+    out = forward(loaded, cfg, ids, attention_mask=mask)
+    err = relative_error(out, peft_logits(model, ids, mask), mask)
+    print(f"peft -> jpeft {label}: {err:.2e}")
+    return err, loaded
+
+
+@pytest.mark.parametrize("name, tied", setups())
+def test_our_adapter_loads_in_peft(name, tied, tmp_path):
+    cfg = tiny_config(tie_word_embeddings=tied)
+    params = llama.init_params(jax.random.key(0), cfg)
+    label = f"{name} tied={tied}"
+    assert ours_in_peft(name, params, cfg, hf_twin(params, cfg), tmp_path, label) < 1e-5
 
 
 @pytest.mark.parametrize("name, tied", setups())
 def test_peft_adapter_loads_here(name, tied, tmp_path):
     cfg = tiny_config(tie_word_embeddings=tied)
     params = llama.init_params(jax.random.key(0), cfg)
-    ids, mask = batch(cfg)
-    config = peft.LoraConfig(r=4, lora_alpha=8, **CASES[name])
-    torch.manual_seed(0)
-    model = peft.get_peft_model(hf_twin(params, cfg), config)
-    perturb_peft(model)
-    model.eval().save_pretrained(tmp_path)
-    method, loaded = jpeft.load_hf_adapter(tmp_path, params, cfg)
-    assert method == jpeft_method(CASES[name])
-    err = relative_error(
-        forward(loaded, cfg, ids, attention_mask=mask), peft_logits(model, ids, mask), mask
-    )
-    print(f"peft -> jpeft {name} tied={tied}: {err:.2e}")
+    label = f"{name} tied={tied}"
+    err, loaded = peft_here(name, params, cfg, hf_twin(params, cfg), tmp_path, label)
     assert err < 1e-5
     # merging gives peft's merged model (on a tied model: the one shared table)
     merged = peft.PeftModel.from_pretrained(hf_twin(params, cfg), tmp_path).merge_and_unload()
