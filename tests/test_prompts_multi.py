@@ -15,7 +15,8 @@ import numpy as np
 import peft
 import pytest
 import torch
-from conftest import hf_twin, tiny_config
+from conftest import hf_twin
+from test_prompts_peft import _setup as prompt_setup
 
 import jpeft
 from jpeft.adapters import LlamaAdapter
@@ -46,15 +47,8 @@ CASES = {
 NAMES = ("x", "y")  # peft warns about names inside its prefix "adaption_prompt_"
 
 
-@functools.cache
 def _setup():
-    cfg = tiny_config(num_hidden_layers=3)
-    params = llama.init_params(jax.random.key(0), cfg)
-    rs = np.random.RandomState(0)
-    ids = rs.randint(0, cfg.vocab_size, (2, 9)).astype(np.int32)
-    mask = np.ones((2, 9), np.int32)
-    mask[1, 6:] = 0
-    return cfg, params, ids, mask
+    return prompt_setup("gqa")  # 2 layers; LLaMA-Adapter above adapts both
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

@@ -252,19 +252,10 @@ def load_adapter(
     peft's ``model.load_adapter(adapter_dir, adapter_name=name)``; errors as
     :func:`jpeft.load_hf_adapter`.
 
-    Example:
-        >>> import jpeft, tempfile
-        >>> from jpeft.models import llama
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> params = llama.init_params(jax.random.key(0), cfg)
-        >>> method = jpeft.PromptTuning(num_virtual_tokens=4)
-        >>> out = tempfile.mkdtemp()
-        >>> jpeft.save_hf_adapter(out, method, method.init(jax.random.key(1), params, cfg), cfg)
-        >>> _, held = load_adapter(out, params, cfg, "a")
-        >>> _, held = load_adapter(out, held, cfg, "b")
-        >>> held["prompt"].names
-        ('a', 'b')
+    Example (a full round trip is :func:`save_adapter`'s):
+        >>> load_adapter("no/such/adapter", {}, None, "a")
+        Traceback (most recent call last):
+        FileNotFoundError: ...
     """
     base = _base(params)
     method, loaded = load_hf_adapter(adapter_dir, base, cfg, allow_nonfinite)
@@ -284,14 +275,9 @@ def set_adapter(params: Params, name: str) -> Params:
     """Make adapter ``name`` the active one (used by default, trainable); freeze the others.
 
     Example:
-        >>> import jpeft
-        >>> from jpeft.models import llama
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> params = llama.init_params(jax.random.key(0), cfg)
-        >>> method = jpeft.PromptTuning(num_virtual_tokens=4)
-        >>> params = add_adapter(jax.random.key(1), params, cfg, method, "a")
-        >>> params = add_adapter(jax.random.key(2), params, cfg, method, "b")
+        >>> from jpeft.prompts.nodes import SoftPrompt
+        >>> one = NamedAdapters((SoftPrompt(jnp.ones((2, 4))),), ("a",))
+        >>> params = {"prompt": one.added(SoftPrompt(jnp.zeros((2, 4))), "b")}
         >>> set_adapter(params, "a")["prompt"].active_name
         'a'
     """
@@ -307,17 +293,18 @@ def save_adapter(
     (peft puts a non-default one in a sub-directory ``name``; here ``out_dir`` is it).
 
     Example:
-        >>> import jpeft, os, tempfile
+        >>> import jpeft, tempfile
         >>> from jpeft.models import llama
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                   num_hidden_layers=2, num_attention_heads=2)
         >>> params = llama.init_params(jax.random.key(0), cfg)
-        >>> method = jpeft.PromptTuning(num_virtual_tokens=4)
-        >>> params = add_adapter(jax.random.key(1), params, cfg, method, "a")
+        >>> method = jpeft.PrefixTuning(num_virtual_tokens=4)
+        >>> held = add_adapter(jax.random.key(1), params, cfg, method, "a")
         >>> out = tempfile.mkdtemp()
-        >>> save_adapter(out, method, params, cfg, "a")
-        >>> sorted(os.listdir(out))[:2]
-        ['adapter_config.json', 'adapter_model.safetensors']
+        >>> save_adapter(out, method, held, cfg, "a")
+        >>> _, loaded = load_adapter(out, held, cfg, "b")
+        >>> loaded["prefix"].names
+        ('a', 'b')
     """
     chosen = {k: v.adapter(name) for k, v in _named_entries(params, name).items()}
     save_hf_adapter(out_dir, method, {**params, **chosen}, cfg)
@@ -329,20 +316,14 @@ def adapter_ids(params: Params, names: Sequence[str]) -> jax.Array:
     Every named entry of ``params`` must hold the same names in the same order.
 
     Example:
-        >>> import jpeft
-        >>> from jpeft.models import llama
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> params = llama.init_params(jax.random.key(0), cfg)
-        >>> method = jpeft.PromptTuning(num_virtual_tokens=4)
-        >>> params = add_adapter(jax.random.key(1), params, cfg, method, "a")
-        >>> params = add_adapter(jax.random.key(2), params, cfg, method, "b")
+        >>> from jpeft.prompts.nodes import SoftPrompt
+        >>> one = NamedAdapters((SoftPrompt(jnp.ones((2, 4))),), ("a",))
+        >>> params = {"prompt": one.added(SoftPrompt(jnp.zeros((2, 4))), "b")}
         >>> ids = adapter_ids(params, ["b", "a"])
         >>> ids.tolist()
         [1, 0]
-        >>> tokens = jnp.zeros((2, 5), jnp.int32)
-        >>> llama.Llama(cfg).apply({"params": params}, tokens, adapter_ids=ids).shape
-        (2, 5, 32)
+        >>> params["prompt"].prompt_embeddings(2, Context(adapter_ids=ids))[:, 0, 0].tolist()
+        [0.0, 1.0]
     """
     orders = {v.names for v in _entries(params).values() if isinstance(v, NamedAdapters)}
     if len(orders) != 1:
