@@ -49,6 +49,9 @@ class LoRA(Method):
             option; a :class:`jpeft.Trained` copy, see :mod:`jpeft.lora.trainable`).
         trainable_token_indices: token ids whose ``embed_tokens`` rows train (peft's
             ``TrainableTokens``; the rows are tied to a tied ``lm_head``).
+        lora_bias: peft's ``lora_bias``: a trainable bias on ``B`` (zeros at init), scaled
+            with it; merging adds ``scaling * bias`` to the layer's bias (layers without
+            one cannot merge). Not with DoRA (as peft).
         adapter_name: the adapter's name; ``init`` on params that already hold
             adapters adds this one and makes it the active one.
 
@@ -73,6 +76,7 @@ class LoRA(Method):
     adapter_name: str = "default"
     modules_to_save: tuple[str, ...] = ()
     trainable_token_indices: tuple[int, ...] = ()
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         targets = self.targets
@@ -104,6 +108,10 @@ class LoRA(Method):
             raise ValueError(f"LoRA: dropout must be in [0, 1), got {self.dropout}")
         if self.init_weights not in INITS:
             raise ValueError(f"LoRA: init_weights {self.init_weights!r}; valid: {list(INITS)}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError(
+                "LoRA: lora_bias=True is not supported with DoRA (peft refuses it too)"
+            )
         if not self.adapter_name or self.adapter_name == BASE:
             raise ValueError(f"LoRA: adapter_name {self.adapter_name!r} is reserved or empty")
 
@@ -135,8 +143,10 @@ class LoRA(Method):
                 "a tied lm_head only through embed_tokens: target embed_tokens, or load the "
                 "model with tie_word_embeddings=False"
             )
-        if self.use_dora and "embed_tokens" in plans:
-            raise ValueError("LoRA: use_dora on embed_tokens is not supported; target linears")
+        if (self.use_dora or self.lora_bias) and "embed_tokens" in plans:
+            raise ValueError(
+                "LoRA: use_dora and lora_bias on embed_tokens are not supported; target linears"
+            )
         modules, tokens = self.modules_to_save, self.trainable_token_indices
         trainable.check(modules, tokens, cfg)
         clash = sorted(set(plans) & {*modules, *(("embed_tokens",) if tokens else ())})
@@ -226,6 +236,7 @@ class LoRA(Method):
             index=index,
             dropout=self.dropout,
             layer_mask=layer_mask(plan.layers, len(plan.ranks), "LoRA") if plan.per_layer else None,
+            bias=jnp.zeros((*b.shape[:-2], b.shape[-1]), jnp.float32) if self.lora_bias else None,
         )
 
     def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:

@@ -5,9 +5,11 @@ On disk (adapter name stripped, torch layout), for each transformed layer ``i``:
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight   [r_i, in]
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.weight   [out, r_i]
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_magnitude_vector  [out]
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.bias     [out]
 
-(the last for DoRA). Untouched layers have no tensors; ``r_i`` is the layer's own
-rank (our arrays are zero-padded to the module's largest rank). Outside the layers::
+(the magnitude for DoRA, the bias with ``lora_bias=True``). Untouched layers have no
+tensors; ``r_i`` is the layer's own rank (our arrays are zero-padded to the module's
+largest rank). Outside the layers::
 
     base_model.model.lm_head.lora_A.weight                   [r, hidden]
     base_model.model.lm_head.lora_B.weight                   [vocab, r]
@@ -58,7 +60,6 @@ _UNSUPPORTED = (
     "kasa_config",
     "layer_replication",
     "ensure_weight_tying",
-    "lora_bias",
     "monteclora_config",
     "target_parameters",
     "use_bdlora",
@@ -114,6 +115,7 @@ def peft_config(method: LoRA) -> dict[str, Any]:
         "alpha_pattern": dict(method.alpha_pattern),
         "use_rslora": method.use_rslora,
         "use_dora": method.use_dora,
+        "lora_bias": method.lora_bias,
         "init_lora_weights": True if method.init_weights == "default" else method.init_weights,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -154,6 +156,7 @@ def options(config: AdapterConfig | dict[str, Any]) -> dict[str, Any]:
         "alpha_pattern": dict(config.get("alpha_pattern", dict, {}, items=NUMBER)),
         "use_rslora": config.get("use_rslora", bool, False),
         "use_dora": config.get("use_dora", bool, False),
+        "lora_bias": config.get("lora_bias", bool, False),
         "init_weights": _INITS[init],
         **trainable.options(config),
     }
@@ -178,6 +181,9 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
             if ad.magnitude is not None:
                 magnitude = np.asarray(ad.magnitude)
                 out[f"{key}.lora_magnitude_vector"] = magnitude if i is None else magnitude[i]
+            if ad.bias is not None:
+                bias = np.asarray(ad.bias)
+                out[f"{key}.lora_B.bias"] = bias if i is None else bias[i]
             if i is None:
                 base = np.asarray(dense(weight.base))
                 out[f"{key}.base_layer.weight"] = base.T if top_module(module).transposed else base
@@ -201,6 +207,7 @@ def fill(
         ad = weight.adapter(method.adapter_name)
         a, b = np.array(ad.a), np.array(ad.b)
         magnitude = None if ad.magnitude is None else np.array(ad.magnitude)
+        bias = None if ad.bias is None else np.array(ad.bias)
         fan_in, fan_out = a.shape[-2], b.shape[-1]
         base = weight.base
         for i, key, r in _sites(plan):
@@ -211,6 +218,9 @@ def fill(
             if magnitude is not None:
                 m_i = magnitude if i is None else magnitude[i]
                 m_i[...] = found.take(f"{key}.lora_magnitude_vector", (fan_out,))
+            if bias is not None:
+                bias_i = bias if i is None else bias[i]
+                bias_i[...] = found.take(f"{key}.lora_B.bias", (fan_out,))
             if i is None and f"{key}.base_layer.weight" in found.tensors:
                 base = _base_from_file(found, f"{key}.base_layer.weight", module, base)
         new = dataclasses.replace(
@@ -218,6 +228,7 @@ def fill(
             a=jnp.asarray(a),
             b=jnp.asarray(b),
             magnitude=None if magnitude is None else jnp.asarray(magnitude),
+            bias=None if bias is None else jnp.asarray(bias),
         )
         adapters = tuple(new if x.name == ad.name else x for x in weight.adapters)
         updates[weight_path(module)] = LoRAWeight(base, adapters)
