@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.models import hooks, param_spec
 from jpeft.models.attention import CausalMask, check_implementation
@@ -27,6 +28,9 @@ from jpeft.models.pytree import Params, put_path
 from jpeft.models.rope import rotary_tables
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The name of each layer's input (the scan's carry), which every policy keeps: the
+# offloading policies keep it in host memory too.
+LAYER_INPUT = "layer_input"
 
 
 def _saving(*names: str, offload: bool = False) -> Callable[..., Any]:
@@ -53,8 +57,8 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "proj": _saving(*PROJECTIONS),
     "proj_attn": _saving(*PROJECTIONS, *RESIDUALS),
-    "proj_offload": _saving(*PROJECTIONS, offload=True),
-    "proj_attn_offload": _saving(*PROJECTIONS, *RESIDUALS, offload=True),
+    "proj_offload": _saving(LAYER_INPUT, *PROJECTIONS, offload=True),
+    "proj_attn_offload": _saving(LAYER_INPUT, *PROJECTIONS, *RESIDUALS, offload=True),
 }
 # The training default (RunConfig.remat), chosen by bench/remat.py on the 1.1B LoRA step
 # compiled for an H100: device peak as low as "full" with the FLOPs of "proj_attn".
@@ -210,6 +214,7 @@ def _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention
         if cache is not None:
             kv["length"] = cache.length
         ctx_layer = ctx.for_layer(xs["index"])
+        h = checkpoint_name(h, LAYER_INPUT)
         return decoder_layer(xs["layer"], h, rope, attn_mask, cfg, ctx_layer, kv, attention_impl)
 
     if remat != "none":
