@@ -28,8 +28,8 @@ from jpeft.models.pytree import Params, put_path
 from jpeft.models.rope import rotary_tables
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The name of each layer's input (the scan's carry), which every policy keeps: the
-# offloading policies keep it in host memory too.
+# The name of each layer's input (the scan's carry), which every policy keeps; the
+# offloading policies keep it in host memory (at 1.1B, B=4 x T=2048: 0.7 GB off the device).
 LAYER_INPUT = "layer_input"
 
 
@@ -50,7 +50,8 @@ def _saving(*names: str, offload: bool = False) -> Callable[..., Any]:
 #     norms and elementwise work are recomputed;
 #   proj_attn: also the fused attention's output and log-sum-exp (RESIDUALS), so only
 #     norms and elementwise work are recomputed (the XLA path still recomputes attention);
-#   *_offload: the same values, kept in host memory (pinned_host) between the passes.
+#   *_offload: the same values and each layer's input (LAYER_INPUT), kept in host memory
+#     (pinned_host) between the passes.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
