@@ -72,11 +72,12 @@ class ParamNode:
         """
         return self.dense()[ids]
 
-    def tied_output(self) -> jax.Array:
-        """The ``[vocab, hidden]`` table a tied ``lm_head`` multiplies by, this node standing
-        at ``embed_tokens/embedding``. Default: :meth:`dense` (what the node does to the
-        input embedding reaches the output too, as peft's trainable tokens do)."""
-        return self.dense()
+    def tied_logits(self, x: jax.Array, ctx: Context) -> jax.Array:
+        """Logits ``[..., vocab]`` of a tied ``lm_head`` for hidden states ``x [..., hidden]``,
+        this node standing at ``embed_tokens/embedding`` (``[vocab, hidden]``). Default:
+        ``x @ dense().T`` (what the node does to the input embedding reaches the output
+        too, as peft's trainable tokens do)."""
+        return x @ self.dense().astype(ctx.dtype).T
 
     def prompt_embeddings(self, batch_size: int, ctx: Context) -> jax.Array | None:
         """Virtual-token embeddings ``[B, n, hidden]`` to prepend, or None."""

@@ -63,14 +63,14 @@ def lookup(w: Any, ids: jax.Array, ctx: Context) -> jax.Array:
 
 
 @functools.singledispatch
-def tied_output(w: Any) -> jax.Array:
-    """The ``[vocab, hidden]`` table a tied ``lm_head`` uses, for embedding table node ``w``.
+def tied_logits(w: Any, x: jax.Array, ctx: Context) -> jax.Array:
+    """A tied ``lm_head``: ``x [..., hidden] @ w.T`` for embedding table node ``w [vocab, hidden]``.
 
     Example:
-        >>> tied_output(jnp.eye(2)).shape
-        (2, 2)
+        >>> tied_logits(jnp.eye(3, 2), jnp.ones((1, 2)), Context()).tolist()
+        [[1.0, 1.0, 0.0]]
     """
-    return jnp.asarray(w)
+    return x @ jnp.asarray(w).astype(ctx.dtype).T
 
 
 @lookup.register(ParamNode)
@@ -78,9 +78,9 @@ def _lookup_node(w: ParamNode, ids: jax.Array, ctx: Context) -> jax.Array:
     return w.lookup(ids, ctx)
 
 
-@tied_output.register(ParamNode)
-def _tied_output_node(w: ParamNode) -> jax.Array:
-    return w.tied_output()
+@tied_logits.register(ParamNode)
+def _tied_logits_node(w: ParamNode, x: jax.Array, ctx: Context) -> jax.Array:
+    return w.tied_logits(x, ctx)
 
 
 @matmul.register(ParamNode)

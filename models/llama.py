@@ -23,7 +23,7 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.flash_attention import RESIDUALS
 from jpeft.models.layers import decoder_layer, rms_norm
-from jpeft.models.linear import linear, lookup, tied_output
+from jpeft.models.linear import linear, lookup, tied_logits
 from jpeft.models.pytree import Params, put_path
 from jpeft.models.rope import rotary_tables
 
@@ -180,8 +180,8 @@ def lm_head(
     """Logits ``[..., vocab]`` of final normed hidden states ``x [..., hidden]``.
 
     The output embedding, or the input embedding when ``cfg.tie_word_embeddings``
-    (:func:`jpeft.models.linear.tied_output` of its node: a LoRA on ``embed_tokens``
-    adapts the input only, as peft's does).
+    (:func:`jpeft.models.linear.tied_logits` of its node: a LoRA on ``embed_tokens``
+    adapts the input only and a LoRA on the tied ``lm_head`` the output only, as peft's do).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -191,7 +191,7 @@ def lm_head(
     """
     ctx = ctx or Context()
     if cfg.tie_word_embeddings:
-        return x @ tied_output(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
+        return tied_logits(params["embed_tokens"]["embedding"], x, ctx)
     return linear(params["lm_head"], x, ctx, "lm_head")
 
 

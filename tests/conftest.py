@@ -94,12 +94,13 @@ def sgd_train(params, cfg: LlamaConfig, ids, steps: int = 10, lr: float = 0.1):
     return jpeft.combine(trainable, frozen), losses
 
 
-def saved_nf4_base(tmp_path_factory) -> tuple[LlamaConfig, dict, pathlib.Path]:
+def saved_nf4_base(tmp_path_factory, **overrides) -> tuple[LlamaConfig, dict, pathlib.Path]:
     """``(cfg, fp32 params, HF directory)`` of a tiny model whose linears NF4 can hold.
 
-    Every input width is a multiple of 64 (the NF4 block size of jpeft's kernel layout).
+    Every input width is a multiple of 64 (the NF4 block size of jpeft's kernel layout);
+    ``overrides`` change other config fields (``tie_word_embeddings=True``...).
     """
-    cfg = tiny_config(hidden_size=64, intermediate_size=128)
+    cfg = tiny_config(hidden_size=64, intermediate_size=128, **overrides)
     params = llama.init_params(jax.random.key(0), cfg)
     path = tmp_path_factory.mktemp("base")
     hf_twin(params, cfg).save_pretrained(path)

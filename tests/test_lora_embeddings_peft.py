@@ -168,7 +168,7 @@ def test_nodes_and_trainable_parts():
 @pytest.mark.parametrize(
     "kwargs, tied, match",
     [
-        ({"targets": ("lm_head",)}, True, "tied"),
+        ({"targets": ("lm_head",), "trainable_token_indices": (1,)}, True, "both"),
         ({"modules_to_save": ("lm_head",)}, True, "tied embeddings"),
         ({"modules_to_save": ("q_proj",)}, False, r"modules_to_save \['q_proj'\]"),
         ({"targets": ("embed_tokens",), "trainable_token_indices": (1,)}, False, "both"),

@@ -116,8 +116,11 @@ class LoRA(Method):
             raise ValueError(f"LoRA: adapter_name {self.adapter_name!r} is reserved or empty")
 
     def plans(self, cfg: LlamaConfig) -> dict[str, ModulePlan]:
-        """Per targeted projection: the rank and alpha of each layer (see :mod:`.targets`)."""
-        return resolve(
+        """Per targeted projection: the rank and alpha of each layer (see :mod:`.targets`).
+
+        With ``cfg.tie_word_embeddings`` the ``lm_head`` plan is ``tied_lm_head``.
+        """
+        plans = resolve(
             self.targets,
             self.layers_to_transform,
             self.r,
@@ -126,6 +129,9 @@ class LoRA(Method):
             self.alpha_pattern,
             cfg.num_hidden_layers,
         )
+        if cfg.tie_word_embeddings and "lm_head" in plans:
+            plans["lm_head"] = dataclasses.replace(plans["lm_head"], tied_lm_head=True)
+        return plans
 
     def init(self, key: jax.Array, params: Params, cfg: LlamaConfig) -> Params:
         """Wrap each targeted kernel in a :class:`LoRAWeight` (or add to one already there)."""
@@ -137,24 +143,28 @@ class LoRA(Method):
         if self.adapter_name in names:
             raise ValueError(f"LoRA: params already hold an adapter named {self.adapter_name!r}")
         plans = self.plans(cfg)
-        if cfg.tie_word_embeddings and "lm_head" in plans:
+        table = weight_path("embed_tokens")
+        on_table = sorted(m for m, plan in plans.items() if plan.path == table)
+        if (self.use_dora or self.lora_bias) and on_table:
             raise ValueError(
-                "LoRA: lm_head is tied to embed_tokens (tie_word_embeddings=True); jpeft adapts "
-                "a tied lm_head only through embed_tokens: target embed_tokens, or load the "
-                "model with tie_word_embeddings=False"
-            )
-        if (self.use_dora or self.lora_bias) and "embed_tokens" in plans:
-            raise ValueError(
-                "LoRA: use_dora and lora_bias on embed_tokens are not supported; target linears"
+                f"LoRA: use_dora and lora_bias on {on_table} (the embedding table) are not "
+                "supported; target linears"
             )
         modules, tokens = self.modules_to_save, self.trainable_token_indices
         trainable.check(modules, tokens, cfg)
-        clash = sorted(set(plans) & {*modules, *(("embed_tokens",) if tokens else ())})
+        clash = sorted(set(on_table if tokens else ()) | set(plans) & set(modules))
         if clash:
-            raise ValueError(f"LoRA: {clash} are both LoRA targets and trained apart")
-        kernels = {m: get_path(params, weight_path(m)) for m in plans}
-        bases = {m: k.base if isinstance(k, LoRAWeight) else k for m, k in kernels.items()}
+            raise ValueError(
+                f"LoRA: {clash} are both LoRA targets and trained apart (modules_to_save, or "
+                "trainable_token_indices on the embedding table a tied lm_head shares)"
+            )
+        bases = {}
+        for m, plan in plans.items():
+            kernel = get_path(params, plan.path)
+            bases[m] = kernel.base if isinstance(kernel, LoRAWeight) else kernel
         shapes = {m: jax.eval_shape(dense, base).shape for m, base in bases.items()}
+        # a tied lm_head's adapter acts as a linear [hidden, vocab] on the [vocab, hidden] table
+        shapes = {m: s[::-1] if plans[m].tied_lm_head else s for m, s in shapes.items()}
         for module, shape in shapes.items():
             stacked = plans[module].per_layer
             if len(shape) != 2 + stacked or (stacked and shape[0] != cfg.num_hidden_layers):
@@ -168,12 +178,13 @@ class LoRA(Method):
             for m, plan in plans.items()
         ]
         normal = [self.init_weights == "gaussian" or m == "embed_tokens" for m in plans]
-        updates = {}
         noises = self._noise(key, widths, normal)
         for (module, plan), noise in zip(plans.items(), noises, strict=True):
             adapter = self._adapter(plan, noise, bases[module], shapes[module][-1], len(names))
-            updates[weight_path(module)] = add_adapter(kernels[module], adapter)
-        params = trainable.add(replace_paths(params, updates), modules, tokens)
+            added = add_adapter(get_path(params, plan.path), adapter)
+            params = replace_paths(params, {plan.path: added})  # one at a time: a tied
+            # lm_head's adapter joins the embedding's on the shared table
+        params = trainable.add(params, modules, tokens)
         return set_adapter(params, self.adapter_name)
 
     def _noise(
@@ -237,6 +248,7 @@ class LoRA(Method):
             dropout=self.dropout,
             layer_mask=layer_mask(plan.layers, len(plan.ranks), "LoRA") if plan.per_layer else None,
             bias=jnp.zeros((*b.shape[:-2], b.shape[-1]), jnp.float32) if self.lora_bias else None,
+            tied_lm_head=plan.tied_lm_head,
         )
 
     def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:

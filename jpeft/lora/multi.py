@@ -96,7 +96,8 @@ def add_adapter(kernel: Any, adapter: LoRAAdapter) -> LoRAWeight:
     """
     if not isinstance(kernel, LoRAWeight):
         return LoRAWeight(kernel, (adapter,))
-    if adapter.name in kernel.names:
+    site = (adapter.name, adapter.tied_lm_head)
+    if any((ad.name, ad.tied_lm_head) == site for ad in kernel.adapters):
         raise ValueError(f"LoRA: params already hold an adapter named {adapter.name!r}")
     return LoRAWeight(kernel.base, (*kernel.adapters, adapter))
 

@@ -19,6 +19,13 @@ them together):
   ``b`` scaled with it: ``y = x W + scaling * (x a b + bias)``. :func:`jpeft.merge` adds
   ``scaling * bias`` to the layer's own bias (a layer without one cannot merge, as in peft).
 
+On the embedding table ``W [vocab, hidden]`` an adapter is either the embedding's own
+(peft's LoRA ``Embedding``: ``a [vocab, r]``, ``b [r, hidden]``, seen by lookups) or,
+with ``tied_lm_head``, the LoRA of an ``lm_head`` tied to it (peft's LoRA ``Linear`` on
+the shared weight: ``a [hidden, r]``, ``b [r, vocab]``, seen by the logits only:
+``x W^T + scaling * x a b``). Merging adds both to the one table (the head's as
+``(a b)^T``), so the tie is kept, as peft's ``merge_and_unload`` keeps it.
+
 Ranks that differ across layers are zero-padded to the largest: padded columns of
 ``a`` and rows of ``b`` multiply each other's zeros, so their gradients are exactly
 zero and they stay zero under any optimizer whose update is zero for a zero
@@ -34,20 +41,21 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jpeft.models.context import Context
-from jpeft.models.linear import dense, lookup, matmul, tied_output
+from jpeft.models.linear import dense, lookup, matmul, tied_logits
 from jpeft.models.pytree import Axes
 from jpeft.nodes import Node, is_node, node
 
 
 @node(
     trainable=("a", "b", "magnitude", "bias"),
-    static=("name", "index", "dropout"),
+    static=("name", "index", "dropout", "tied_lm_head"),
     decay=("a", "b"),
     lora_plus=("b",),
 )
@@ -74,9 +82,10 @@ class LoRAAdapter(Node):
     dropout: float
     layer_mask: jax.Array | None = None
     bias: jax.Array | None = None
+    tied_lm_head: bool = False
 
 
-@node(static=("name", "index", "dropout"))
+@node(static=("name", "index", "dropout", "tied_lm_head"))
 class InactiveLoRAAdapter(LoRAAdapter):
     """A loaded adapter that is not active: frozen, and used only by rows that select it.
 
@@ -113,10 +122,13 @@ class LoRAWeight(Node):
         """The names of the adapters on this weight."""
         return tuple(ad.name for ad in self.adapters)
 
-    def adapter(self, name: str) -> LoRAAdapter:
-        """The adapter called ``name`` (``ValueError`` listing the names if absent)."""
+    def adapter(self, name: str, tied_lm_head: bool = False) -> LoRAAdapter:
+        """The adapter called ``name`` (of a tied ``lm_head`` if ``tied_lm_head``).
+
+        Raises ``ValueError`` listing the names if absent.
+        """
         for ad in self.adapters:
-            if ad.name == name:
+            if ad.name == name and ad.tied_lm_head == tied_lm_head:
                 return ad
         raise ValueError(f"LoRA: no adapter {name!r} on this weight; it holds {list(self.names)}")
 
@@ -173,38 +185,58 @@ class LoRAWeight(Node):
     def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
         """``x (W + sum of the adapters)``; with ``ctx.adapter_ids`` each row takes its own."""
         y = matmul(self.base, x, ctx, name)
-        ids = ctx.adapter_ids
-        out = y
-        for ad in self.adapters:
-            if ids is None:
-                if _is_active(ad):
-                    out = out + _adapter_output(self, ad, x, y, ctx, name)
-                continue
-            rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
-            out = out + jnp.where(rows, _adapter_output(self, ad, x, y, ctx, name), 0)
-        return out
+        return self._plus_adapters(
+            y, ctx, False, lambda ad: _adapter_output(self, ad, x, y, ctx, name)
+        )
 
     def lookup(self, ids: jax.Array, ctx: Context) -> jax.Array:
         """Embedding rows ``[..., hidden]`` (peft's LoRA ``Embedding``): ``W[ids] + s a[ids] b``.
 
         ``a [vocab, r]`` is peft's ``lora_embedding_A`` transposed, ``b [r, hidden]``
-        its ``lora_embedding_B`` transposed; no dropout (peft applies none there).
+        its ``lora_embedding_B`` transposed; no dropout (peft applies none there). The
+        adapters of a tied ``lm_head`` do not reach the lookup (nor in peft).
         """
         y = lookup(self.base, ids, ctx).astype(ctx.dtype)
-        rows = ctx.adapter_ids
-        for ad in self.adapters:
-            if rows is None and not _is_active(ad):
-                continue
-            delta = (ad.a.astype(ctx.dtype)[ids] @ ad.b.astype(ctx.dtype)) * _scale(ad, ctx.dtype)
-            if rows is not None:
-                mine = (rows == ad.index).reshape(rows.shape + (1,) * (y.ndim - rows.ndim))
-                delta = jnp.where(mine, delta, 0)
-            y = y + delta
-        return y
 
-    def tied_output(self) -> jax.Array:
-        """The base table: peft's embedding LoRA reaches a tied ``lm_head`` not at all."""
-        return tied_output(self.base)
+        def delta(ad: LoRAAdapter) -> jax.Array:
+            return (ad.a.astype(ctx.dtype)[ids] @ ad.b.astype(ctx.dtype)) * _scale(ad, ctx.dtype)
+
+        return self._plus_adapters(y, ctx, False, delta)
+
+    def tied_logits(self, x: jax.Array, ctx: Context) -> jax.Array:
+        """Logits ``[..., vocab]`` of a tied ``lm_head``: ``x W^T + scaling * dropout(x) a b``.
+
+        Only the ``tied_lm_head`` adapters take part: an embedding LoRA reaches a tied
+        ``lm_head`` not at all (peft's LoRA ``Linear`` on ``lm_head`` wraps the shared
+        weight, its ``Embedding`` on ``embed_tokens`` adapts the lookup only).
+        """
+        y = tied_logits(self.base, x, ctx)
+        return self._plus_adapters(
+            y, ctx, True, lambda ad: _adapter_output(self, ad, x, y, ctx, "lm_head")
+        )
+
+    def _plus_adapters(
+        self,
+        y: jax.Array,
+        ctx: Context,
+        tied_lm_head: bool,
+        delta: Callable[[LoRAAdapter], jax.Array],
+    ) -> jax.Array:
+        """``y`` plus ``delta(ad)`` of each adapter applied here (``tied_lm_head`` ones or not).
+
+        Without ``ctx.adapter_ids`` the active adapters apply; with them each row takes
+        the adapter whose index it holds.
+        """
+        ids = ctx.adapter_ids
+        for ad in self.adapters:
+            if ad.tied_lm_head != tied_lm_head or (ids is None and not _is_active(ad)):
+                continue
+            if ids is None:
+                y = y + delta(ad)
+            else:
+                rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
+                y = y + jnp.where(rows, delta(ad), 0)
+        return y
 
     def logical_axes(self, base: Axes | None) -> LoRAWeight:
         """``a`` takes the base's input axis, ``b`` its output axis; the base keeps its own.
@@ -221,11 +253,14 @@ class LoRAWeight(Node):
             "bias": (*lead, axis_out),
         }
 
+        head_axes = {**axes, "a": (*lead, axis_out, None), "b": (*lead, None, axis_in)}
+
         def adapter_axes(ad: LoRAAdapter | None) -> LoRAAdapter | None:
             if ad is None:
                 return None
+            own = head_axes if ad.tied_lm_head else axes
             return dataclasses.replace(
-                ad, **{k: None if getattr(ad, k) is None else v for k, v in axes.items()}
+                ad, **{k: None if getattr(ad, k) is None else v for k, v in own.items()}
             )
 
         inner = self.base.logical_axes(base) if is_node(self.base) else base
@@ -233,8 +268,12 @@ class LoRAWeight(Node):
 
 
 def _low_rank(adapter: LoRAAdapter) -> jax.Array:
-    """``scaling * a @ b`` in fp32, broadcast over the leading axes: ``[..., in, out]``."""
+    """``scaling * a @ b`` in fp32, broadcast over the leading axes: ``[..., in, out]``.
+
+    Transposed for a tied ``lm_head``'s adapter, to the table's ``[vocab, hidden]``.
+    """
     ab = adapter.a.astype(jnp.float32) @ adapter.b.astype(jnp.float32)
+    ab = jnp.swapaxes(ab, -1, -2) if adapter.tied_lm_head else ab
     return _scale(adapter, jnp.float32)[..., None, None] * ab
 
 

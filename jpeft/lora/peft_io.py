@@ -18,7 +18,9 @@ largest rank). Outside the layers::
     base_model.model.{lm_head|model.embed_tokens}.base_layer.weight   [vocab, hidden]
 
 peft saves the adapted module's base weight with it (``save_embedding_layers``), and
-loading puts it in place of the model's; so do we. ``modules_to_save`` and trainable
+loading puts it in place of the model's; so do we. On a model with tied embeddings the
+``lm_head`` keys are the same, its ``base_layer.weight`` being the shared table (see
+:mod:`jpeft.lora.node` for where its adapter sits). ``modules_to_save`` and trainable
 tokens are :mod:`jpeft.lora.trainable`'s.
 """
 
@@ -43,7 +45,7 @@ from jpeft.lora import trainable
 from jpeft.lora.node import LoRAWeight
 from jpeft.lora.targets import ALL_LINEAR, ModulePlan
 from jpeft.models.linear import dense
-from jpeft.models.param_spec import PROJECTIONS, top_module, weight_path
+from jpeft.models.param_spec import PROJECTIONS, top_module
 from jpeft.models.pytree import Params, get_path, replace_paths
 
 if TYPE_CHECKING:
@@ -69,11 +71,11 @@ _UNSUPPORTED = (
 _INITS = {True: "default", False: "default", "gaussian": "gaussian"}
 
 
-def _lora_weight(params: Params, module: str) -> LoRAWeight:
-    """The :class:`LoRAWeight` at ``module``'s weight (``ValueError`` if there is none)."""
-    kernel = get_path(params, weight_path(module))
+def _lora_weight(params: Params, plan: ModulePlan) -> LoRAWeight:
+    """The :class:`LoRAWeight` at ``plan``'s weight (``ValueError`` if there is none)."""
+    kernel = get_path(params, plan.path)
     if not isinstance(kernel, LoRAWeight):
-        raise ValueError(f"LoRA: {'/'.join(weight_path(module))} holds no LoRA node")
+        raise ValueError(f"LoRA: {'/'.join(plan.path)} holds no LoRA node")
     return kernel
 
 
@@ -171,8 +173,8 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
     """
     out = {}
     for module, plan in plans.items():
-        weight = _lora_weight(params, module)
-        ad = weight.adapter(method.adapter_name)
+        weight = _lora_weight(params, plan)
+        ad = weight.adapter(method.adapter_name, plan.tied_lm_head)
         a, b = np.asarray(ad.a), np.asarray(ad.b)
         for i, key, rank in _sites(plan):
             a_i, b_i = (a, b) if i is None else (a[i], b[i])
@@ -186,7 +188,7 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
                 out[f"{key}.lora_B.bias"] = bias if i is None else bias[i]
             if i is None:
                 base = np.asarray(dense(weight.base))
-                out[f"{key}.base_layer.weight"] = base.T if top_module(module).transposed else base
+                out[f"{key}.base_layer.weight"] = base.T if _transposed(plan) else base
     modules, tokens = method.modules_to_save, method.trainable_token_indices
     return {**out, **trainable.tensors(params, modules, tokens)}
 
@@ -201,10 +203,9 @@ def fill(
     Example:
         >>> params = fill(method, params, tensors, method.plans(cfg))  # doctest: +SKIP
     """
-    updates = {}
     for module, plan in plans.items():
-        weight = _lora_weight(params, module)
-        ad = weight.adapter(method.adapter_name)
+        weight = _lora_weight(params, plan)
+        ad = weight.adapter(method.adapter_name, plan.tied_lm_head)
         a, b = np.array(ad.a), np.array(ad.b)
         magnitude = None if ad.magnitude is None else np.array(ad.magnitude)
         bias = None if ad.bias is None else np.array(ad.bias)
@@ -222,7 +223,7 @@ def fill(
                 bias_i = bias if i is None else bias[i]
                 bias_i[...] = found.take(f"{key}.lora_B.bias", (fan_out,))
             if i is None and f"{key}.base_layer.weight" in found.tensors:
-                base = _base_from_file(found, f"{key}.base_layer.weight", module, base)
+                base = _base_from_file(found, f"{key}.base_layer.weight", plan, base)
         new = dataclasses.replace(
             ad,
             a=jnp.asarray(a),
@@ -230,20 +231,24 @@ def fill(
             magnitude=None if magnitude is None else jnp.asarray(magnitude),
             bias=None if bias is None else jnp.asarray(bias),
         )
-        adapters = tuple(new if x.name == ad.name else x for x in weight.adapters)
-        updates[weight_path(module)] = LoRAWeight(base, adapters)
-    params = replace_paths(params, updates)
+        adapters = tuple(new if x is ad else x for x in weight.adapters)
+        # one module at a time: a tied lm_head's adapter shares its node with the embedding's
+        params = replace_paths(params, {plan.path: LoRAWeight(base, adapters)})
     modules, tokens = method.modules_to_save, method.trainable_token_indices
     return trainable.fill(params, found, modules, tokens)
 
 
-def _base_from_file(found: AdapterTensors, name: str, module: str, base: Any) -> Any:
+def _transposed(plan: ModulePlan) -> bool:
+    """True where the weight at ``plan.path`` is stored transposed from torch's layout."""
+    return top_module(plan.module).transposed and not plan.tied_lm_head
+
+
+def _base_from_file(found: AdapterTensors, name: str, plan: ModulePlan, base: Any) -> Any:
     """The saved base weight of an adapted embedding or ``lm_head`` (peft loads it in place)."""
-    spec = top_module(module)
     current = np.asarray(dense(base))
-    shape = current.shape[::-1] if spec.transposed else current.shape
+    shape = current.shape[::-1] if _transposed(plan) else current.shape
     value = found.take(name, shape)
-    return jnp.asarray(value.T if spec.transposed else value, current.dtype)
+    return jnp.asarray(value.T if _transposed(plan) else value, current.dtype)
 
 
 def _listed(layers: tuple[int, ...] | None) -> list[int] | None:

@@ -34,7 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from jpeft.models.param_spec import PROJECTIONS, TOP_MODULES, module_name, top_module
+from jpeft.models.param_spec import (
+    PROJECTIONS,
+    TOP_MODULES,
+    module_name,
+    top_module,
+    weight_path,
+)
 
 ALL_LINEAR = "all-linear"
 MODULES = PROJECTIONS + TOP_MODULES
@@ -54,11 +60,18 @@ class ModulePlan:
     module: str
     ranks: tuple[int, ...]
     alphas: tuple[float, ...]
+    tied_lm_head: bool = False
+    """True for an ``lm_head`` tied to ``embed_tokens``: its adapter sits on the shared table."""
 
     @property
     def per_layer(self) -> bool:
         """True for projections (stacked over layers), False for ``embed_tokens``/``lm_head``."""
         return self.module in PROJECTIONS
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """Where the adapted weight sits in the params (a tied ``lm_head``: the embedding)."""
+        return weight_path("embed_tokens" if self.tied_lm_head else self.module)
 
     @property
     def layers(self) -> tuple[int, ...]:

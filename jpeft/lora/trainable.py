@@ -13,7 +13,7 @@ with the adapter's name stripped, in transformers' layout::
 the input embedding: a :class:`TrainableTokens` node holding those rows, saved as
 ``base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta [n, hidden]``.
 On a model with tied embeddings peft ties the rows to ``lm_head`` as well, and so does
-the node (its :meth:`TrainableTokens.tied_output` is the adapted table).
+the node (its ``tied_logits`` multiply by the adapted table).
 """
 
 from __future__ import annotations
