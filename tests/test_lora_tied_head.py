@@ -116,12 +116,12 @@ def test_nf4_our_adapter_loads_in_peft_over_bitsandbytes(nf4_base, name, tmp_pat
     assert ours_in_peft(name, params4, cfg, model, tmp_path, f"NF4 tied {name}") < 1e-5
 
 
-def test_nf4_peft_adapter_loads_and_merges_tied(nf4_base, tmp_path):
+@pytest.mark.parametrize("name", CASES)
+def test_nf4_peft_adapter_loads_and_merges_tied(nf4_base, name, tmp_path):
     """Over NF4 the table stays dense (bitsandbytes leaves embeddings alone) and merges into
-    peft's table exactly; peft requantizes the merged v_proj (it warns of rounding), so
-    the logits after merging are compared over the fp32 base only."""
+    peft's table exactly; peft requantizes the merged projections (it warns of rounding),
+    so the logits after merging are compared over the fp32 base only."""
     cfg, params4, path = nf4_base
-    name = "lm_head"
     err, loaded = peft_here(name, params4, cfg, bnb_4bit_model(path), tmp_path, f"NF4 tied {name}")
     assert err < 1e-5
     ref = peft_merged(bnb_4bit_model(path), tmp_path)
