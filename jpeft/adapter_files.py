@@ -183,7 +183,6 @@ def read_adapter_dir(
         >>> config, tensors = read_adapter_dir(out)
         >>> config.require("peft_type", str), len(tensors.tensors) > 0
         ('LORA', True)
-        'LORA'
     """
     adapter_dir = os.fspath(adapter_dir)
     config_path = os.path.join(adapter_dir, CONFIG_NAME)

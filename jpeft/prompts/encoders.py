@@ -203,8 +203,8 @@ def from_torch(state: Mapping[str, Any], kind: str) -> Params:
     Example:
         >>> import peft
         >>> torch_encoder = peft.tuners.p_tuning.PromptEncoder(peft.PromptEncoderConfig(
-        ...     task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=16, num_transformer_submodules=1,
-        ...     encoder_hidden_size=8))
+        ...     task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=16,
+        ...     num_transformer_submodules=1, encoder_hidden_size=8))
         >>> enc = from_torch(torch_encoder.state_dict(), "MLP")
         >>> {name: layer["kernel"].shape for name, layer in enc.items()}
         {'input': (16, 8), 'hidden': (8, 8), 'output': (8, 16)}
