@@ -87,6 +87,23 @@ class ParamNode:
         """
         return None
 
+    def unloaded(self) -> Any:
+        """What stands here once the PEFT adapters are removed (:func:`jpeft.unload`).
+
+        Asked of nodes at a base leaf's place only (entries a method added are dropped
+        whole). A weight node that wraps a base (LoRA) returns that base; a node that is
+        the base (an NF4 weight) returns itself. The default refuses: a node that
+        replaced its tensor without keeping it cannot give the base back.
+        """
+        raise TypeError(
+            f"{type(self).__name__} replaced a base tensor and keeps no copy of it: "
+            "its params cannot give the base model back (unload / disable_adapters)"
+        )
+
+    def adapter_indices(self) -> tuple[int, ...]:
+        """The indices of the named adapters on this node (what ``ctx.adapter_ids`` selects)."""
+        return ()
+
 
 def _not_a_node(hook: str, value: Any) -> TypeError:
     return TypeError(f"{hook}: {type(value).__name__} is not a ParamNode and registers no {hook}")
