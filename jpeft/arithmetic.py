@@ -197,7 +197,7 @@ def delete_adapter(params: Params, adapter_name: str) -> Params:
     The remaining adapters are renumbered in order (so ``adapter_ids`` keep meaning
     :func:`jpeft.lora.adapter_names`' positions); a weight left with no adapter
     becomes its base again. When no active adapter remains, the first remaining one
-    becomes active, as peft does.
+    becomes active (peft picks one per module, the first remaining there).
 
     Raises:
         ValueError: ``adapter_name`` is not in ``params`` (the message lists them).
