@@ -1,8 +1,8 @@
 """jpeft: parameter-efficient fine-tuning of LLaMA-family models in JAX."""
 
 from jpeft import assets
-from jpeft.arithmetic import add_weighted_adapter, delete_adapter
 from jpeft.adapters import Adapter, LlamaAdapter
+from jpeft.arithmetic import add_weighted_adapter, delete_adapter
 from jpeft.hf_adapter import load_hf_adapter, save_hf_adapter
 from jpeft.lora import LoRA, unmerge
 from jpeft.method import Method

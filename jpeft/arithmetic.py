@@ -60,8 +60,17 @@ def add_weighted_adapter(
             adapter, an unknown ``combination_type``, ``linear`` over unequal ranks.
 
     Example:
-        >>> params = add_weighted_adapter(params, ["x", "y"], [1.0, 0.5], "xy", "cat")  # doctest: +SKIP
-        >>> params = jpeft.lora.set_adapter(params, "xy")                 # doctest: +SKIP
+        >>> from jpeft.lora import LoRA, set_adapter
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=16,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> params = llama.init_params(jax.random.key(0), cfg)
+        >>> for name in ("x", "y"):
+        ...     params = LoRA(r=2, adapter_name=name).init(jax.random.key(1), params, cfg)
+        >>> params = add_weighted_adapter(params, ["x", "y"], [1.0, 0.5], "xy", "cat")
+        >>> set_adapter(params, "xy")["layers"]["self_attn"]["q_proj"]["kernel"].names
+        ('x', 'y', 'xy')
     """
     adapters = tuple(adapters)
     known = adapter_names(params)
@@ -93,7 +102,8 @@ def add_weighted_adapter(
         masks = [ad.layer_mask for ad, _ in sources]
         mask = None
         if any(m is not None for m in masks):
-            mask = jnp.max(jnp.stack([jnp.ones_like(first.scaling) if m is None else m for m in masks]), 0)
+            ones = jnp.ones_like(first.scaling)
+            mask = jnp.max(jnp.stack([ones if m is None else m for m in masks]), 0)
         new = InactiveLoRAAdapter(
             a=_padded(a, rank, -1).astype(first.a.dtype),
             b=_padded(b, rank, -2).astype(first.b.dtype),
@@ -203,7 +213,16 @@ def delete_adapter(params: Params, adapter_name: str) -> Params:
         ValueError: ``adapter_name`` is not in ``params`` (the message lists them).
 
     Example:
-        >>> params = delete_adapter(params, "x")                          # doctest: +SKIP
+        >>> from jpeft.lora import LoRA, adapter_names
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=16,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> params = llama.init_params(jax.random.key(0), cfg)
+        >>> for name in ("x", "y"):
+        ...     params = LoRA(r=2, adapter_name=name).init(jax.random.key(1), params, cfg)
+        >>> adapter_names(delete_adapter(params, "x"))
+        ('y',)
     """
     known = adapter_names(params)
     if adapter_name not in known:

@@ -86,7 +86,9 @@ def test_add_weighted_adapter_matches_peft(pair, cfg, batch, combination, adapte
     combined = jpeft.add_weighted_adapter(ours, adapters, weights, "mix", combination)
     assert adapter_names(combined) == ("x", "y", "z", "mix")
     out = apply(set_adapter(combined, "mix"), cfg, ids, mask)
-    assert_matches(f"add_weighted_adapter {combination} {adapters}", out, peft_logits(model, ids, mask), mask)
+    assert_matches(
+        f"add_weighted_adapter {combination} {adapters}", out, peft_logits(model, ids, mask), mask
+    )
     # the sources are untouched, and the new adapter is usable per row
     rows = adapter_ids(combined, ["mix", "x"])
     mixed = apply(combined, cfg, ids, mask, rows)
@@ -125,7 +127,9 @@ def test_delete_adapter_matches_peft(pair, cfg, batch):
     assert "x" not in kept["layers"]["self_attn"]["q_proj"]["kernel"].names
     rows = ["z", "__base__"]
     ref = peft_logits(model, ids, mask, adapter_names=rows)
-    assert_matches("delete_adapter", apply(kept, cfg, ids, mask, adapter_ids(kept, rows)), ref, mask)
+    assert_matches(
+        "delete_adapter", apply(kept, cfg, ids, mask, adapter_ids(kept, rows)), ref, mask
+    )
     # x was active: the first remaining adapter becomes the active one (peft picks one
     # per module); choosing one explicitly gives peft's logits
     assert kept["layers"]["mlp"]["up_proj"]["kernel"].adapters[0].name == "y"
@@ -174,7 +178,7 @@ def test_out_of_range_adapter_ids_raise(pair, cfg, batch):
         return apply(params, cfg, ids, mask, rows)
 
     err, _ = checkify.checkify(jax.jit(checked))(two, jnp.asarray(bad))
-    with pytest.raises(checkify.JaxRuntimeError, match="outside -1..1"):
+    with pytest.raises(checkify.JaxRuntimeError, match=r"outside -1\.\.1"):
         err.throw()
     err, _ = checkify.checkify(jax.jit(checked))(two, jnp.array([1, -1]))
     assert err.get() is None
