@@ -213,16 +213,14 @@ def delete_adapter(params: Params, adapter_name: str) -> Params:
         ValueError: ``adapter_name`` is not in ``params`` (the message lists them).
 
     Example:
-        >>> from jpeft.lora import LoRA, adapter_names
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=16,
-        ...                   num_hidden_layers=1, num_attention_heads=2)
-        >>> params = llama.init_params(jax.random.key(0), cfg)
-        >>> for name in ("x", "y"):
-        ...     params = LoRA(r=2, adapter_name=name).init(jax.random.key(1), params, cfg)
-        >>> adapter_names(delete_adapter(params, "x"))
-        ('y',)
+        >>> from jpeft.lora import LoRAAdapter, adapter_names
+        >>> def lora(name, index):
+        ...     a, b = jnp.ones((4, 2)), jnp.ones((2, 3))
+        ...     return LoRAAdapter(a, b, jnp.float32(1), None, name, index, dropout=0.0)
+        >>> w = LoRAWeight(jnp.eye(4, 3), (lora("x", 0), lora("y", 1)))
+        >>> kept = delete_adapter({"q_proj": {"kernel": w}}, "x")
+        >>> adapter_names(kept), kept["q_proj"]["kernel"].adapters[0].index
+        (('y',), 0)
     """
     known = adapter_names(params)
     if adapter_name not in known:
