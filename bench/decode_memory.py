@@ -1,17 +1,18 @@
 """Device memory and cache copies of one compiled decode step, for an H100 target.
 
 Compiles :func:`jpeft.models.generate.decode_step` (one token per row, the KV cache
-donated) and the whole ``generate`` program for an H100 without one
+donated) and a loop of greedy decode steps for an H100 without one
 (``bench/deviceless.py``; CPU fallback without the CUDA plugin), and reads from the
 compiled program:
 
 - ``memory_analysis()``: argument, output, aliased (donated and reused) and temporary
   bytes. A decode step that updates the cache in place aliases the whole cache and
   needs no cache-sized temporary.
-- the optimized HLO: every instruction outside fused computations whose result is a
-  cache-sized buffer (all layers, ``[L, B, S, K, D]``, or one layer, ``[B, S, K, D]``),
-  by opcode. ``copy`` (and loop fusions producing such a buffer) move the cache;
-  ``dynamic-update-slice`` writes into it.
+- the optimized HLO (:func:`cache_buffers`): every instruction outside fused
+  computations whose result is a cache-sized buffer (all layers, ``[L, B, S, K, D]``,
+  or one layer, ``[B, S, K, D]``), by opcode (a fusion by its root's opcode).
+  ``dynamic-update-slice`` writes the new token into the cache in place; anything
+  else (``copy``, ``broadcast``, a loop fusion) moves the cache (:func:`cache_copies`).
 
 Per-step memory traffic is then the weights plus the cache read once (attention) plus
 twice the bytes of every cache-sized copy (read and write). Prints a markdown table
@@ -58,18 +59,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
-    """Opcodes of unfused HLO instructions that write a cache-sized buffer, with counts.
+def _roots(hlo: str) -> dict[str, str]:
+    """Each computation's name and the opcode of its root (``a+b`` for a tuple's operands)."""
+    opcodes: dict[str, str] = {}
+    roots: dict[str, str] = {}
+    name = ""
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and "{" in line:  # a computation's header
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            opcodes = {}
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        opcodes[line.split("=")[0].split()[-1]] = match.group(2)
+        if line.lstrip().startswith("ROOT"):
+            root = match.group(2)
+            if root == "tuple":
+                operands = re.findall(r"(%[\w.-]+)", line.split("tuple(", 1)[1])
+                root = "+".join(sorted({opcodes.get(o, "?") for o in operands}))
+            roots[name] = root
+    return roots
 
-    Instructions that only name a buffer (parameters, tuples, bitcasts, loops) are left out;
-    a fusion is named by the computation it calls (``fused_dynamic_update_slice``...).
+
+def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
+    r"""What writes each cache-sized buffer of the optimized HLO, with counts.
+
+    Counts the unfused instructions (and fusions) whose result holds an array of the
+    cache's shape (all layers, ``[L, B, S, K, D]``) or of one layer (``[B, S, K, D]``),
+    keyed ``"<opcode> (all layers|one layer)"``. A fusion is named by the opcode of its
+    fused root, so the key does not depend on the backend's fusion names. Instructions
+    that only name a buffer (parameters, tuples, bitcasts, loops) are left out.
+
+    Example:
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=2, hidden_size=2, intermediate_size=2,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> hlo = ("ENTRY %m (p: f32[2,1,3,2,1]) -> f32[2,1,3,2,1] {\n"
+        ...        "  ROOT %c = f32[2,1,3,2,1]{4,3,2,1,0} copy(%p)\n}")
+        >>> dict(cache_buffers(hlo, KVCache.create(cfg, batch_size=1, max_len=3)))
+        {'copy (all layers)': 1}
     """
     whole = tuple(cache.k.shape)
     sizes = {whole: "all layers", whole[1:]: "one layer"}
+    roots = _roots(hlo)
     counts: collections.Counter[str] = collections.Counter()
     fused = False
     for line in hlo.splitlines():
-        if not line.startswith(" ") and "{" in line:  # a computation's header
+        if not line.startswith(" ") and "{" in line:
             fused = line.lstrip("%").startswith(("fused", "wrapped"))
             continue
         match = _INSTRUCTION.match(line)
@@ -78,7 +115,7 @@ def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
         opcode = match.group(2)
         if opcode == "fusion":
             called = re.search(r"calls=%([\w.-]+)", line)
-            opcode = re.sub(r"\.\d+$", "", called.group(1)) if called else opcode
+            opcode = roots.get(called.group(1), "fusion") if called else opcode
         for dims in _ARRAY.findall(match.group(1)):
             shape = tuple(int(d) for d in dims.split(",") if d)
             if shape in sizes:
@@ -86,20 +123,40 @@ def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
     return counts
 
 
+def cache_copies(counts: collections.Counter[str]) -> collections.Counter[str]:
+    """The entries of :func:`cache_buffers` that move the cache: all but the in-place
+    ``dynamic-update-slice`` writes (which write only the new token's slots)."""
+    return collections.Counter(
+        {k: n for k, n in counts.items() if not k.startswith("dynamic-update-slice ")}
+    )
+
+
+def step_bytes(weights: int, cache_bytes: int, copies: collections.Counter[str]) -> int:
+    """Memory traffic of one decode step: the weights and the cache (k + v) read once,
+    plus each cache-sized copy read and written. A one-layer copy sits in the layer
+    loop, so it runs once per layer: it moves one cache's worth (of k or v) per step,
+    like an all-layers copy."""
+    moved = sum(copies.values()) * cache_bytes // 2  # each copy is of k or v
+    return weights + cache_bytes + 2 * moved
+
+
 def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def measure(compiled: Any, cache: KVCache) -> dict[str, Any]:
-    """Memory analysis (GB) and the cache-sized HLO ops of a compiled program."""
+def measure(compiled: Any, cache: KVCache, weights: int) -> dict[str, Any]:
+    """Memory analysis, the cache-sized HLO buffers and per-step bytes of a compiled program."""
     m = compiled.memory_analysis()
     ops = cache_buffers(compiled.as_text(), cache)
+    cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize
     return {
         "arguments": _size(m.argument_size_in_bytes),
         "outputs": _size(m.output_size_in_bytes),
         "aliased": _size(m.alias_size_in_bytes),
         "temporaries": _size(m.temp_size_in_bytes),
         "cache-sized writes": ", ".join(f"{k} x{n}" for k, n in sorted(ops.items())) or "none",
+        "cache copies": str(sum(cache_copies(ops).values())),
+        "bytes per step": _size(step_bytes(weights, cache_bytes, cache_copies(ops))),
     }
 
 
@@ -126,12 +183,14 @@ def main(argv: list[str] | None = None) -> None:
 
         return jax.lax.fori_loop(0, args.loop_steps, body, (t, c))
 
-    rows = {
-        name: measure(compile_on(mesh, fn, params, cache, tokens, donate_argnums=(1,)), cache)
-        for name, fn in (("decode_step", step), (f"{args.loop_steps} greedy steps", loop))
-    }
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize
+    rows = {
+        name: measure(
+            compile_on(mesh, fn, params, cache, tokens, donate_argnums=(1,)), cache, weights
+        )
+        for name, fn in (("decode_step", step), (f"{args.loop_steps} greedy steps", loop))
+    }
     target = "H100 (deviceless)" if gpu_target_available() else "CPU (no CUDA plugin)"
     print(f"`{shlex.join(['python', *sys.argv])}`\n")
     print(

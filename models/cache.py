@@ -1,4 +1,12 @@
-"""The key/value cache used by incremental decoding."""
+"""The key/value cache used by incremental decoding, and its in-place layer write.
+
+The cache holds every layer's keys and values in one stacked array each. The layer
+loop of :func:`jpeft.models.llama.forward` carries those stacked arrays and each layer
+writes its new keys/values into them with a dynamic update (:func:`write_layer`), so
+under ``jit`` with the cache donated (or as a ``while_loop`` carry) XLA updates the
+cache buffer in place: a decode step reads each layer's keys/values once and writes
+only the new token's slots, instead of restacking per-layer copies.
+"""
 
 from __future__ import annotations
 
@@ -56,3 +64,25 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+
+def write_layer(
+    stack: jax.Array, layer: jax.Array, position: jax.Array, new: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Write ``new [B, T, K, D]`` into ``stack [L, B, S, K, D]`` at ``[layer, :, position]``.
+
+    Returns the updated stack and its layer ``layer`` (``[B, S, K, D]``, the keys or
+    values attention reads). ``new`` is cast to the stack's dtype. One dynamic update
+    of the whole stack, which XLA performs in place when the stack is a donated
+    argument or a loop carry.
+
+    Example:
+        >>> stack = jnp.zeros((2, 1, 4, 1, 1))
+        >>> stack, view = write_layer(stack, jnp.int32(1), jnp.int32(2), jnp.ones((1, 1, 1, 1)))
+        >>> stack[:, 0, :, 0, 0].tolist(), view.shape
+        ([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], (1, 4, 1, 1))
+    """
+    zero = jnp.zeros((), jnp.int32)
+    start = (layer, zero, position, zero, zero)
+    stack = jax.lax.dynamic_update_slice(stack, new.astype(stack.dtype)[None], start)
+    return stack, jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False)

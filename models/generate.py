@@ -14,7 +14,8 @@ key are runtime values. Prompts are left-padded (masked) to the next bucket
 (:func:`bucket`: 16, 24, 32, 48, 64, ... tokens) and the batch to the next of
 1, 2, 3, 4, 6, 8, 12, ... rows, so prompts of many lengths share a few programs;
 padding never changes a row's tokens. It stops as soon as every row has produced a
-stop token.
+stop token. The KV cache is the decode loop's carry and each layer updates it in
+place (:func:`decode_step`), so a token costs reading the weights and the cache once.
 
 Decoding reads every weight once per token, so with one active adapter (no
 ``adapter_ids``) each weight node that folds into a plain weight no larger than
@@ -184,6 +185,13 @@ def decode_step(
     ctx: Context | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Feed one token per row (``[B]``); logits ``[B, vocab]`` for the token after it.
+
+    Each layer writes its new key and value into the stacked cache with one dynamic
+    update (:func:`jpeft.models.cache.write_layer`), so jitted with the cache donated
+    (``jax.jit(decode_step, static_argnums=1, donate_argnums=3)``), or as the loop
+    carry of :func:`generate`, the step updates the cache buffer in place: it reads
+    the weights and the cache once and writes only the new slots
+    (``bench/decode_memory.py`` counts the cache-sized buffers of the compiled step).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,

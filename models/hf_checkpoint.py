@@ -29,8 +29,7 @@ class Checkpoint:
     """The safetensors files of a model directory (a context manager closing them).
 
     Example:
-        >>> with Checkpoint("tiny-llama") as ckpt:  # doctest: +SKIP
-        ...     ckpt.check(cfg, shapes)
+        >>> with Checkpoint("assets/tiny-llama") as ckpt:
         ...     ckpt.reader("model.norm.weight").read("model.norm.weight").shape
         (128,)
     """

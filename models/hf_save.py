@@ -63,8 +63,14 @@ def save_pretrained(
             copied alongside.
 
     Example:
-        >>> save_pretrained("out/merged", cfg, jpeft.merge(params))  # doctest: +SKIP
-        >>> transformers.LlamaForCausalLM.from_pretrained("out/merged")  # doctest: +SKIP
+        >>> import tempfile, jpeft, jax.numpy as jnp
+        >>> from jpeft.models import hf
+        >>> cfg, params = hf.load_pretrained("assets/tiny-llama")
+        >>> params = jpeft.LoRA(r=2).init(jax.random.key(0), params, cfg)
+        >>> out = os.path.join(tempfile.mkdtemp(), "merged")
+        >>> save_pretrained(out, cfg, jpeft.merge(params), dtype=jnp.bfloat16)
+        >>> sorted(os.listdir(out))  # transformers' from_pretrained reads it
+        ['config.json', 'model.safetensors']
     """
     path = os.fspath(path)
     check_placed(params, cfg)

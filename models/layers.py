@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jpeft.models import hooks
 from jpeft.models.attention import Mask, attend
+from jpeft.models.cache import write_layer
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import dense, linear
@@ -43,16 +44,18 @@ def self_attention(
     ctx: Context,
     kv: dict[str, Any],
     attention_impl: str,
-) -> tuple[jax.Array, dict[str, Any]]:
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """GQA self-attention for ``x [B, T, hidden]`` (see :func:`jpeft.models.attention.attend`).
 
     ``mask`` is a :class:`jpeft.models.attention.CausalMask`, or a boolean ``[B, T, S]``
     array when decoding. ``kv`` carries this layer's optional extras:
-    ``cache_k/cache_v`` with the write position ``length`` (decoding),
+    ``cache`` (decoding: the stacked keys and values ``[L, B, S, K, D]`` of every
+    layer), with this layer's index ``layer`` and the write position ``length``,
     ``prefix_k/prefix_v`` (keys/values every query sees), and ``nodes`` (this layer's
     slice of every ``per_layer`` PEFT node, each asked for its
     :func:`jpeft.models.hooks.adaption_output`). Returns the output and the updated
-    cache entries.
+    stacked ``(keys, values)`` (:func:`jpeft.models.cache.write_layer`), or None
+    without a cache.
     """
     b, t, _ = x.shape
     heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -62,12 +65,12 @@ def self_attention(
     queries = q  # before RoPE, for the nodes' adaption outputs
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
-    updated = {}
-    if "cache_k" in kv:
-        start = (0, kv["length"], 0, 0)
-        k = jax.lax.dynamic_update_slice(kv["cache_k"], k.astype(kv["cache_k"].dtype), start)
-        v = jax.lax.dynamic_update_slice(kv["cache_v"], v.astype(kv["cache_v"].dtype), start)
-        updated = {"cache_k": k, "cache_v": v}
+    cache = None
+    if "cache" in kv:
+        (cache_k, cache_v), layer, length = kv["cache"], kv["layer"], kv["length"]
+        cache_k, k = write_layer(cache_k, layer, length, k)
+        cache_v, v = write_layer(cache_v, layer, length, v)
+        cache = (cache_k, cache_v)
         k, v = k.astype(ctx.dtype), v.astype(ctx.dtype)
     prefix = (kv["prefix_k"], kv["prefix_v"]) if "prefix_k" in kv else None
     out = attend(q, k, v, mask, prefix=prefix, implementation=attention_impl)
@@ -76,7 +79,7 @@ def self_attention(
         added = hooks.adaption_output(layer_node, queries, rope, p, ctx)
         if added is not None:
             out = out + added.astype(out.dtype)
-    return out, updated
+    return out, cache
 
 
 def decoder_layer(
@@ -88,10 +91,10 @@ def decoder_layer(
     ctx: Context,
     kv: dict[str, Any],
     attention_impl: str,
-) -> tuple[jax.Array, dict[str, Any]]:
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Pre-norm residual block; adapters (when present) act on each sub-layer's output."""
     h = rms_norm(p["input_layernorm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)
-    h, updated = self_attention(p["self_attn"], h, rope, mask, cfg, ctx, kv, attention_impl)
+    h, cache = self_attention(p["self_attn"], h, rope, mask, cfg, ctx, kv, attention_impl)
     if "adapter_attn" in p:
         h = hooks.adapter_output(p["adapter_attn"], h, ctx, "adapter_attn")
     x = x + h
@@ -99,4 +102,4 @@ def decoder_layer(
     h = mlp(p["mlp"], h, ctx)
     if "adapter_mlp" in p:
         h = hooks.adapter_output(p["adapter_mlp"], h, ctx, "adapter_mlp")
-    return x + h, updated
+    return x + h, cache

@@ -138,17 +138,16 @@ def forward(
             raise ValueError(f"{x.shape[1]} tokens do not fit a cache of {cache.max_len} slots")
         new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.length))
         attn_mask = _cached_mask(new_mask, cache.length, x.shape[1])
-        extras["cache_k"], extras["cache_v"] = cache.k, cache.v
 
     per_layer = {"layer": params["layers"], "nodes": peft.per_layer, **extras}
-    x, updated = _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention_impl)
+    x, stacked = _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention_impl)
     x = rms_norm(params["norm"]["scale"], x, cfg.rms_norm_eps, ctx.dtype)[:, n_prompt:]
     logits = x if return_hidden else lm_head(params, cfg, x, ctx)
     if cache is None:
         return logits
     new_cache = KVCache(
-        k=updated["cache_k"],
-        v=updated["cache_v"],
+        k=stacked[0],
+        v=stacked[1],
         mask=new_mask,
         length=cache.length + mask.shape[1],
         started=True,
@@ -233,21 +232,30 @@ def _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention
     """One scan over all layers; ``per_layer`` holds the layer params and every per-layer input.
 
     ``per_layer["layer"]`` are the stacked layer params, ``per_layer["nodes"]`` the
-    PEFT nodes with a leading layer axis, and the rest (prefix or cache keys/values)
-    per-layer arrays; each step gets the slice of all of them for its layer.
+    PEFT nodes with a leading layer axis, and the rest (prefix keys/values) per-layer
+    arrays; each step gets the slice of all of them for its layer. The KV cache is not
+    sliced: its stacked keys and values ride in the scan carry and each layer writes
+    its new entries into them in place (:func:`jpeft.models.cache.write_layer`).
+    Returns the hidden states and the updated ``(keys, values)`` (None without a cache).
     """
     xs = {**per_layer, "index": jnp.arange(cfg.num_hidden_layers)}
 
-    def body(h, xs):
+    def body(carry, xs):
+        h, stacked = carry
         kv = {k: v for k, v in xs.items() if k not in ("layer", "index")}
         if cache is not None:
-            kv["length"] = cache.length
+            kv.update(cache=stacked, layer=xs["index"], length=cache.length)
         ctx_layer = ctx.for_layer(xs["index"])
-        return decoder_layer(xs["layer"], h, rope, attn_mask, cfg, ctx_layer, kv, attention_impl)
+        layer_out = decoder_layer(
+            xs["layer"], h, rope, attn_mask, cfg, ctx_layer, kv, attention_impl
+        )
+        return layer_out, None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, x, xs)
+    stacked = None if cache is None else (cache.k, cache.v)
+    (x, stacked), _ = jax.lax.scan(body, (x, stacked), xs)
+    return x, stacked
 
 
 def init_params(key: jax.Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float32) -> Params:

@@ -46,7 +46,9 @@ def register_packed_format(quant_method: str, factory: PackedFormatFactory) -> N
     """Let :func:`jpeft.models.hf.load_pretrained` read checkpoints of ``quant_method``.
 
     Example:
-        >>> register_packed_format("bitsandbytes", bnb_4bit_format)  # doctest: +SKIP
+        >>> register_packed_format("bitsandbytes", PACKED_FORMATS["bitsandbytes"])  # jpeft's own
+        >>> sorted(PACKED_FORMATS)
+        ['bitsandbytes']
     """
     PACKED_FORMATS[quant_method] = factory
 

@@ -169,7 +169,7 @@ def test_incremental_decode_equals_full_forward(params):
     full_mask = jnp.asarray(np.concatenate([mask, np.ones_like(more)], axis=1))
     full = np.asarray(llama.forward(params, CFG, full_ids, attention_mask=full_mask))
     prefill = jax.jit(gen.prefill, static_argnums=1)
-    decode_step = jax.jit(gen.decode_step, static_argnums=1)
+    decode_step = jax.jit(gen.decode_step, static_argnums=1, donate_argnums=3)
     cache = KVCache.create(CFG, 2, 10)
     logits, cache = prefill(params, CFG, jnp.asarray(ids), jnp.asarray(mask), cache)
     steps = [np.asarray(logits)]

@@ -96,7 +96,12 @@ def init_params(run: RunConfig, peft: jpeft.Method, base: Params, cfg: LlamaConf
     """The base params with the method's nodes (seeded by ``run.seed``).
 
     Example:
-        >>> params = init_params(run, method(run), base, cfg)  # doctest: +SKIP
+        >>> from jpeft.models import hf
+        >>> run = RunConfig(method="lora")
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
+        >>> params = init_params(run, method(run), base, cfg)
+        >>> type(params["layers"]["self_attn"]["q_proj"]["kernel"]).__name__
+        'LoRAWeight'
     """
     return peft.init(jax.random.fold_in(jax.random.key(run.seed), 1), base, cfg)
 
@@ -155,7 +160,14 @@ def train_state(
     """``(jitted step, state, frozen)`` placed on ``mesh``, at step 0.
 
     Example:
-        >>> step, state, frozen = train_state(run, params, cfg, make_mesh())  # doctest: +SKIP
+        >>> from jpeft.models import hf
+        >>> from jpeft.train.sharding import make_mesh
+        >>> run = RunConfig(method="lora")
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
+        >>> params = init_params(run, method(run), base, cfg)
+        >>> step, state, frozen = train_state(run, params, cfg, make_mesh())
+        >>> int(state.step), count(state.trainable) == count(jpeft.split(params)[0])
+        (0, True)
     """
     trainable, frozen = jpeft.split(params)
     if not jax.tree.leaves(trainable):

@@ -51,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``jpeft`` command line; returns the exit status.
 
     Example:
-        >>> main(["train", "--steps", "3", "--output-dir", "/tmp/run"])  # doctest: +SKIP
-        0
+        >>> main(["train", "--lr", "0"])  # stderr: "lr must be finite and > 0, found 0.0"
+        2
     """
     parser = build_parser()
     args = parser.parse_args(argv)

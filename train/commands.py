@@ -62,7 +62,9 @@ def load_model(
     ``fall_back``: a corrupt newest checkpoint is set aside and the newest good one used.
 
     Example:
-        >>> model = load_model(RunConfig(), adapter="runs/lora-x/adapter")  # doctest: +SKIP
+        >>> model = load_model(RunConfig())  # the bundled model, no adapter
+        >>> model.cfg.num_hidden_layers, sorted(model.params)[:2]
+        (4, ['embed_tokens', 'layers'])
     """
     if adapter and run_dir:
         raise ValueError("give --adapter or --run, not both")
@@ -126,7 +128,10 @@ def evaluate(run: RunConfig, model: Model) -> EvalResult:
     """Held-out loss, perplexity and accuracy of ``model`` on ``run.eval_data``.
 
     Example:
-        >>> print(evaluate(RunConfig(), load_model(RunConfig())).summary())  # doctest: +SKIP
+        >>> run = RunConfig(eval_data="assets/data/eval.jsonl", eval_samples=4)
+        >>> evaluate(run, load_model(run)).total  # also prints its summary line
+        eval loss ... accuracy ...% (.../4)
+        4
     """
     if run.eval_data is None:
         raise ValueError("jpeft eval needs --eval-data")
@@ -165,8 +170,9 @@ def generate(
     """Continue each prompt; without ``raw`` prompts are rendered as in training.
 
     Example:
-        >>> generate(load_model(RunConfig()), ["Sort: 3 1 2"])  # doctest: +SKIP
-        ['1 2 3']
+        >>> [answer] = generate(load_model(RunConfig()), ["Sort: 3 1 2"], max_new_tokens=4)
+        >>> isinstance(answer, str)  # the untrained bundled model answers noise
+        True
     """
     if not prompts:
         raise ValueError("give at least one --prompt")
@@ -232,9 +238,17 @@ def export(model: Model, out: str, merged: bool = False, dtype: str | None = Non
     method folded into the base weights. Returns what was written.
 
     Example:
-        >>> model = load_model(run, run_dir="runs/lora-x")  # doctest: +SKIP
-        >>> export(model, "out/merged", merged=True)  # doctest: +SKIP
+        >>> run = RunConfig(method="lora")
+        >>> model = load_model(run)
+        >>> model = dataclasses.replace(model, params=build.init_params(
+        ...     run, build.method(run), model.params, model.cfg))
+        >>> import tempfile
+        >>> out = os.path.join(tempfile.mkdtemp(), "merged")
+        >>> export(model, out, merged=True)
         'merged HF model'
+        >>> sorted(os.listdir(out))  # weights, config and the tokenizer files
+        ['config.json', 'model.safetensors', 'special_tokens_map.json', 'tokenizer.json',
+         'tokenizer_config.json']
     """
     if merged:
         params = jpeft.merge(model.params)

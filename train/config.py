@@ -178,7 +178,11 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     """The dict of a ``.toml``, ``.yaml``/``.yml`` or ``.json`` config file.
 
     Example:
-        >>> load_file("run.toml")  # doctest: +SKIP
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.yaml")
+        >>> with open(path, "w") as f:
+        ...     json.dump({"method": "lora", "lora": {"r": 16}}, f)  # JSON is YAML too
+        >>> load_file(path)
         {'method': 'lora', 'lora': {'r': 16}}
     """
     path = os.fspath(path)

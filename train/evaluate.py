@@ -72,9 +72,17 @@ class Evaluator:
     task or adapter, in the loss batches and in generation.
 
     Example:
-        >>> ev = Evaluator(cfg, tok, examples, records, mesh=mesh, batch_size=32,
-        ...                seq_len=64)  # doctest: +SKIP
-        >>> print(ev(params).summary())  # doctest: +SKIP
+        >>> from jpeft.models import hf
+        >>> from jpeft.train.config import RunConfig
+        >>> from jpeft.train.prepare import load_data
+        >>> from jpeft.train.sharding import make_mesh
+        >>> cfg, params = hf.load_pretrained("assets/tiny-llama")
+        >>> tok = Tokenizer.from_dir("assets/tiny-llama")
+        >>> ds = load_data(RunConfig(), tok, cfg)
+        >>> ev = Evaluator(cfg, tok, ds.eval[:8], ds.eval_records[:2], mesh=make_mesh(),
+        ...                batch_size=8, seq_len=64, max_new_tokens=4)
+        >>> print(ev(params).summary())  # the untrained bundled model
+        eval loss ... accuracy 0.0% (0/2)
     """
 
     def __init__(
@@ -147,8 +155,15 @@ class Evaluator:
         """Greedy continuations of token-id prompts, decoded and cut at end-of-sequence.
 
         Example:
-            >>> ev.generate(params, [tok.encode("[INST] Sort: 3 1 [/INST]")])  # doctest: +SKIP
-            [' 1 3 ']
+            >>> from jpeft.models import hf
+            >>> from jpeft.train.sharding import make_mesh
+            >>> cfg, params = hf.load_pretrained("assets/tiny-llama")
+            >>> tok = Tokenizer.from_dir("assets/tiny-llama")
+            >>> ev = Evaluator(cfg, tok, [], [], mesh=make_mesh(), batch_size=2, seq_len=32,
+            ...                max_new_tokens=3)
+            >>> [text] = ev.generate(params, [tok.encode("[INST] Sort: 3 1 [/INST]")])
+            >>> isinstance(text, str)
+            True
         """
         width = max(len(p) for p in self.prompts + [list(p) for p in prompts])
         outputs = []

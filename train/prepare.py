@@ -86,7 +86,9 @@ def load_weights(path: str, run: RunConfig) -> Params:
     ``--quantize`` then only saves host memory while loading.
 
     Example:
-        >>> params = load_weights("assets/tiny-llama", RunConfig())  # doctest: +SKIP
+        >>> params = load_weights("assets/tiny-llama", RunConfig(quantize="nf4"))
+        >>> type(params["layers"]["mlp"]["up_proj"]["kernel"]).__name__
+        'QuantizedWeight'
     """
     quantize: str | hf.Quantizer | None = run.quantize
     if quantize is not None and run.method == "qlora":
@@ -128,9 +130,10 @@ def load_data(run: RunConfig, tokenizer: Tokenizer, cfg: LlamaConfig) -> Dataset
     held-out part has a loss but no accuracy.
 
     Example:
-        >>> ds = load_data(RunConfig(), tok, cfg)  # doctest: +SKIP
-        >>> len(ds.train), len(ds.eval_records)  # doctest: +SKIP
-        (1800, 200)
+        >>> cfg = LlamaConfig.from_json("assets/tiny-llama")
+        >>> ds = load_data(RunConfig(), Tokenizer.from_dir("assets/tiny-llama"), cfg)
+        >>> len(ds.train), len(ds.eval_records)
+        (2000, 200)
     """
     check_seq_len(run, cfg)
     records = data.read_data(_data_file(run.train_data, "train_data"), run.data_format)

@@ -34,8 +34,21 @@ def finish(
     ``params``: base plus trained nodes, with the trained arrays on the host.
 
     Example:
-        >>> summary = finish(out, run, method, params, cfg, "assets/tiny-llama",
-        ...                  before, after, stats)  # doctest: +SKIP
+        >>> import tempfile, jax
+        >>> from jpeft.models import hf
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
+        >>> method = jpeft.LoRA(r=2)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> stats = {"peak_memory": (0, "host"), "total_params": 100, "trainable_params": 1,
+        ...          "step_time_s": 0.1, "wall_s": 1.0}
+        >>> out, after = tempfile.mkdtemp(), EvalResult(0.5, 1.65, 1.0, 2, 2)
+        >>> summary = finish(out, RunConfig(), method, params, cfg, "assets/tiny-llama",
+        ...                  None, after, stats)
+        adapter (peft format): .../adapter
+        checkpoints: ...
+        done in 1s
+        >>> summary["after"]["eval_accuracy"], sorted(os.listdir(out))
+        (1.0, ['adapter', 'summary.json'])
     """
     adapter = os.path.join(out, "adapter")
     memory, memory_kind = stats["peak_memory"]

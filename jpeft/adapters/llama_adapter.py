@@ -73,7 +73,15 @@ class LlamaAdapter(Method):
 
     Example:
         >>> method = LlamaAdapter(adapter_len=10, adapter_layers=2)
-        >>> params = method.init(jax.random.key(0), params, cfg)   # doctest: +SKIP
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> import jpeft
+        >>> sum(leaf.size for leaf in jax.tree.leaves(jpeft.split(params)[0]))  # trainable
+        322
     """
 
     peft_type: ClassVar[str] = "ADAPTION_PROMPT"

@@ -45,6 +45,9 @@ class LoRA(Method):
             ``"gaussian"`` (A normal with std 1/r; B 0). Either way the model starts
             equal to its base.
         use_dora: weight-decomposed LoRA (a trainable magnitude per output).
+        lora_bias: peft's ``lora_bias``: a trainable bias on ``B`` (zeros at init), scaled
+            with it; merging adds ``scaling * bias`` to the layer's bias (layers without
+            one cannot merge). Not with DoRA (as peft).
         adapter_name: the adapter's name; ``init`` on params that already hold
             adapters adds this one and makes it the active one.
 
@@ -67,6 +70,7 @@ class LoRA(Method):
     init_weights: str = "default"
     use_dora: bool = False
     adapter_name: str = "default"
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         targets = self.targets
@@ -94,6 +98,10 @@ class LoRA(Method):
             raise ValueError(f"LoRA: dropout must be in [0, 1), got {self.dropout}")
         if self.init_weights not in INITS:
             raise ValueError(f"LoRA: init_weights {self.init_weights!r}; valid: {list(INITS)}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError(
+                "LoRA: lora_bias=True is not supported with DoRA (peft refuses it too)"
+            )
         if not self.adapter_name or self.adapter_name == BASE:
             raise ValueError(f"LoRA: adapter_name {self.adapter_name!r} is reserved or empty")
 
@@ -172,6 +180,7 @@ class LoRA(Method):
             index=index,
             dropout=self.dropout,
             layer_mask=layer_mask(plan.layers, len(ranks), "LoRA"),
+            bias=jnp.zeros((len(ranks), fan_out), jnp.float32) if self.lora_bias else None,
         )
 
     def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:

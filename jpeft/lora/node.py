@@ -15,6 +15,9 @@ them together):
 * ``magnitude [L, out]`` (DoRA only, else None): trainable; the output becomes
   ``m / ||W + scaling * a b||`` (column norm over ``in``, a constant for gradients
   as in peft) times ``x (W + scaling * a b)``.
+* ``bias [L, out]`` (peft's ``lora_bias=True`` only, else None): trainable, a bias on
+  ``b`` scaled with it: ``y = x W + scaling * (x a b + bias)``. :func:`jpeft.merge` adds
+  ``scaling * bias`` to the layer's own bias (a layer without one cannot merge, as in peft).
 
 Ranks that differ across layers are zero-padded to the largest: padded columns of
 ``a`` and rows of ``b`` multiply each other's zeros, so their gradients are exactly
@@ -43,7 +46,7 @@ from jpeft.nodes import Node, is_node, node
 
 
 @node(
-    trainable=("a", "b", "magnitude"),
+    trainable=("a", "b", "magnitude", "bias"),
     static=("name", "index", "dropout"),
     decay=("a", "b"),
     lora_plus=("b",),
@@ -70,6 +73,7 @@ class LoRAAdapter(Node):
     index: int
     dropout: float
     layer_mask: jax.Array | None = None
+    bias: jax.Array | None = None
 
 
 @node(static=("name", "index", "dropout"))
@@ -116,14 +120,24 @@ class LoRAWeight(Node):
                 return ad
         raise ValueError(f"LoRA: no adapter {name!r} on this weight; it holds {list(self.names)}")
 
-    def merged(self) -> jax.Array:
+    def merged(self) -> jax.Array | LoRAWeight:
         """The base with every active adapter folded in (inactive ones are dropped).
+
+        An active adapter with a ``bias`` cannot fold into the kernel alone: the node is
+        returned as it is (:func:`jpeft.merge` folds it with the layer's bias through
+        :meth:`bias_merged`).
 
         With adapters ``k`` (``L_k = scaling_k a_k b_k``; DoRA factor ``f_k``, 1 for
         plain LoRA): ``W' = W (1 + sum_k (f_k - 1)) + sum_k f_k L_k``, which is
         exactly what :func:`matmul` computes. A packed base (an NF4 node) is dequantized
         first, with a warning: the result is dense, and requantizing it would round.
         """
+        if self.bias_merged()[1] is not None:
+            return self
+        return self._merged_kernel()
+
+    def _merged_kernel(self) -> jax.Array:
+        """The kernel with every active adapter folded in (their biases left out)."""
         base = dense(self.base)
         if isinstance(self.base, Node):
             warnings.warn(
@@ -137,7 +151,24 @@ class LoRAWeight(Node):
         return (w * growth + added).astype(base.dtype)
 
     def dense(self) -> jax.Array:
-        return self.merged()
+        """The merged kernel ``[..., in, out]`` (adapter biases are not part of a kernel)."""
+        return self._merged_kernel()
+
+    def bias_merged(self) -> tuple[LoRAWeight, jax.Array | None]:
+        """``(node without adapter biases, sum of active adapters' scaling * bias [..., out])``.
+
+        The sum is None when no active adapter has a bias (peft's ``lora_bias=False``).
+        """
+        biased = [ad for ad in filter(_is_active, self.adapters) if ad.bias is not None]
+        if not biased:
+            return self, None
+        delta = sum(
+            _scale(ad, jnp.float32)[..., None] * ad.bias.astype(jnp.float32) for ad in biased
+        )
+        adapters = tuple(
+            dataclasses.replace(ad, bias=None) if _is_active(ad) else ad for ad in self.adapters
+        )
+        return LoRAWeight(self.base, adapters), delta
 
     def unloaded(self) -> Any:
         """The base this node wraps, itself unloaded (:func:`jpeft.unload`)."""
@@ -173,6 +204,7 @@ class LoRAWeight(Node):
             "scaling": lead,
             "layer_mask": lead,
             "magnitude": (*lead, axis_out),
+            "bias": (*lead, axis_out),
         }
 
         def adapter_axes(ad: LoRAAdapter | None) -> LoRAAdapter | None:
@@ -240,6 +272,8 @@ def _adapter_output(
         keep = jax.random.bernoulli(jax.random.fold_in(rng, ad.index), 1.0 - ad.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - ad.dropout), 0.0).astype(ctx.dtype)
     lora = (x @ ad.a.astype(ctx.dtype)) @ ad.b.astype(ctx.dtype)
+    if ad.bias is not None:
+        lora = lora + ad.bias.astype(ctx.dtype)
     lora = lora * _scale(ad, ctx.dtype)
     if ad.magnitude is None:
         return lora

@@ -5,9 +5,10 @@ On disk (adapter name stripped, torch layout), for each transformed layer ``i``:
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight   [r_i, in]
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.weight   [out, r_i]
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_magnitude_vector  [out]
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.bias     [out]
 
-(the last for DoRA). Untouched layers have no tensors; ``r_i`` is the layer's own
-rank (our arrays are zero-padded to the module's largest rank).
+(the magnitude for DoRA, the bias with ``lora_bias=True``). Untouched layers have no
+tensors; ``r_i`` is the layer's own rank (our arrays are zero-padded to the module's largest rank).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ _UNSUPPORTED = (
     "fan_in_fan_out",
     "kasa_config",
     "layer_replication",
-    "lora_bias",
     "modules_to_save",
     "monteclora_config",
     "target_parameters",
@@ -79,6 +79,7 @@ def peft_config(method: LoRA) -> dict[str, Any]:
         "alpha_pattern": dict(method.alpha_pattern),
         "use_rslora": method.use_rslora,
         "use_dora": method.use_dora,
+        "lora_bias": method.lora_bias,
         "init_lora_weights": True if method.init_weights == "default" else method.init_weights,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -118,6 +119,7 @@ def options(config: AdapterConfig | dict[str, Any]) -> dict[str, Any]:
         "alpha_pattern": dict(config.get("alpha_pattern", dict, {}, items=NUMBER)),
         "use_rslora": config.get("use_rslora", bool, False),
         "use_dora": config.get("use_dora", bool, False),
+        "lora_bias": config.get("lora_bias", bool, False),
         "init_weights": _INITS[init],
     }
 
@@ -139,6 +141,8 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
             out[f"{key}.lora_B.weight"] = b[i, :rank, :].T
             if ad.magnitude is not None:
                 out[f"{key}.lora_magnitude_vector"] = np.asarray(ad.magnitude[i])
+            if ad.bias is not None:
+                out[f"{key}.lora_B.bias"] = np.asarray(ad.bias[i])
     return out
 
 
@@ -158,6 +162,7 @@ def fill(
         ad = weight.adapter(method.adapter_name)
         a, b = np.array(ad.a), np.array(ad.b)
         magnitude = None if ad.magnitude is None else np.array(ad.magnitude)
+        bias = None if ad.bias is None else np.array(ad.bias)
         fan_in, fan_out = a.shape[-2], b.shape[-1]
         for i in plan.layers:
             key, r = peft_module(i, module), plan.ranks[i]
@@ -165,11 +170,14 @@ def fill(
             b[i, :r, :] = found.take(f"{key}.lora_B.weight", (fan_out, r)).T
             if magnitude is not None:
                 magnitude[i] = found.take(f"{key}.lora_magnitude_vector", (fan_out,))
+            if bias is not None:
+                bias[i] = found.take(f"{key}.lora_B.bias", (fan_out,))
         new = dataclasses.replace(
             ad,
             a=jnp.asarray(a),
             b=jnp.asarray(b),
             magnitude=None if magnitude is None else jnp.asarray(magnitude),
+            bias=None if bias is None else jnp.asarray(bias),
         )
         adapters = tuple(new if x.name == ad.name else x for x in weight.adapters)
         entry = layers[group_of(module)][module]
