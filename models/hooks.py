@@ -106,7 +106,11 @@ class ParamNode:
         )
 
     def adapter_indices(self) -> tuple[int, ...]:
-        """The indices of the named adapters on this node (what ``ctx.adapter_ids`` selects)."""
+        """The indices of the named adapters on this node (what ``ctx.adapter_ids`` selects).
+
+        A node that reads ``ctx.adapter_ids`` declares them: concrete ids are checked
+        against the largest index any node declares (:mod:`jpeft.models.selection`).
+        """
         return ()
 
 
