@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models.context import Context
-from jpeft.models.linear import dense, matmul
+from jpeft.models.linear import dense, lookup, matmul, tied_output
 from jpeft.models.pytree import Axes
 from jpeft.nodes import Node, is_node, node
 
@@ -191,6 +191,28 @@ class LoRAWeight(Node):
             rows = (ids == ad.index).reshape(ids.shape + (1,) * (y.ndim - ids.ndim))
             out = out + jnp.where(rows, _adapter_output(self, ad, x, y, ctx, name), 0)
         return out
+
+    def lookup(self, ids: jax.Array, ctx: Context) -> jax.Array:
+        """Embedding rows ``[..., hidden]`` (peft's LoRA ``Embedding``): ``W[ids] + s a[ids] b``.
+
+        ``a [vocab, r]`` is peft's ``lora_embedding_A`` transposed, ``b [r, hidden]``
+        its ``lora_embedding_B`` transposed; no dropout (peft applies none there).
+        """
+        y = lookup(self.base, ids, ctx).astype(ctx.dtype)
+        rows = ctx.adapter_ids
+        for ad in self.adapters:
+            if rows is None and not _is_active(ad):
+                continue
+            delta = (ad.a.astype(ctx.dtype)[ids] @ ad.b.astype(ctx.dtype)) * _scale(ad, ctx.dtype)
+            if rows is not None:
+                mine = (rows == ad.index).reshape(rows.shape + (1,) * (y.ndim - rows.ndim))
+                delta = jnp.where(mine, delta, 0)
+            y = y + delta
+        return y
+
+    def tied_output(self) -> jax.Array:
+        """The base table: peft's embedding LoRA reaches a tied ``lm_head`` not at all."""
+        return tied_output(self.base)
 
     def logical_axes(self, base: Axes | None) -> LoRAWeight:
         """``a`` takes the base's input axis, ``b`` its output axis; the base keeps its own.
