@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from jpeft.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
 from jpeft.method import Method, method_for
+from jpeft.model_card import write_model_card
 from jpeft.models.atomic import atomic_path, write_json
 from jpeft.models.config import LlamaConfig
 from jpeft.models.files import read_json
@@ -33,6 +34,7 @@ def save_hf_adapter(
     ``base_model_name_or_path`` defaults to the directory ``cfg`` was read from
     (``cfg.name_or_path``); a local directory is recorded as an absolute path, so
     ``AutoPeftModelForCausalLM.from_pretrained(out_dir)`` finds the base from anywhere.
+    A model card (``README.md``, :func:`jpeft.model_card.write_model_card`) names it too.
 
     Example:
         >>> jpeft.save_hf_adapter("out/adapter", method, params, cfg)   # doctest: +SKIP
@@ -55,6 +57,7 @@ def save_hf_adapter(
         save_file(tensors, tmp, metadata={"format": "pt"})
     write_json(os.path.join(out_dir, CONFIG_NAME), config)
     write_json(os.path.join(out_dir, BASE_NAME), {"quantization": _quantization(params)})
+    write_model_card(out_dir, base_model_name_or_path, config["peft_type"])
 
 
 def _quantization(params: Params) -> dict[str, Any] | None:

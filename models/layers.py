@@ -62,6 +62,7 @@ def self_attention(
     q = linear(p["q_proj"], x, ctx, "q_proj").reshape(b, t, heads, d)
     k = linear(p["k_proj"], x, ctx, "k_proj").reshape(b, t, kv_heads, d)
     v = linear(p["v_proj"], x, ctx, "v_proj").reshape(b, t, kv_heads, d)
+    queries = q  # before RoPE, for the nodes' adaption outputs
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
     cache = None
@@ -75,7 +76,7 @@ def self_attention(
     out = attend(q, k, v, mask, prefix=prefix, implementation=attention_impl)
     out = linear(p["o_proj"], out.reshape(b, t, heads * d), ctx, "o_proj")
     for layer_node in kv.get("nodes", {}).values():
-        added = hooks.adaption_output(layer_node, q, p, ctx)
+        added = hooks.adaption_output(layer_node, queries, rope, p, ctx)
         if added is not None:
             out = out + added.astype(out.dtype)
     return out, cache

@@ -170,6 +170,14 @@ class LoRAWeight(Node):
         )
         return LoRAWeight(self.base, adapters), delta
 
+    def unloaded(self) -> Any:
+        """The base this node wraps, itself unloaded (:func:`jpeft.unload`)."""
+        return self.base.unloaded() if is_node(self.base) else self.base
+
+    def adapter_indices(self) -> tuple[int, ...]:
+        """The params-wide indices of the adapters on this weight."""
+        return tuple(ad.index for ad in self.adapters)
+
     def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
         """``x (W + sum of the adapters)``; with ``ctx.adapter_ids`` each row takes its own."""
         y = matmul(self.base, x, ctx, name)
