@@ -9,8 +9,8 @@ compiled program:
   bytes. A decode step that updates the cache in place aliases the whole cache and
   needs no cache-sized temporary.
 - the optimized HLO (:func:`cache_buffers`): every instruction outside fused
-  computations whose result is a cache-sized buffer (all layers, ``[L, B, S, K, D]``,
-  or one layer, ``[B, S, K, D]``), by opcode (a fusion by its root's opcode).
+  computations whose result is a cache-sized buffer (all layers, ``[L, B, K, S, D]``,
+  or one layer, ``[B, K, S, D]``), by opcode (a fusion by its root's opcode).
   ``dynamic-update-slice`` writes the new token into the cache in place; anything
   else (``copy``, ``broadcast``, a loop fusion) moves the cache (:func:`cache_copies`).
 
@@ -86,7 +86,7 @@ def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
     r"""What writes each cache-sized buffer of the optimized HLO, with counts.
 
     Counts the unfused instructions (and fusions) whose result holds an array of the
-    cache's shape (all layers, ``[L, B, S, K, D]``) or of one layer (``[B, S, K, D]``),
+    cache's shape (all layers, ``[L, B, K, S, D]``) or of one layer (``[B, K, S, D]``),
     keyed ``"<opcode> (all layers|one layer)"``. A fusion is named by the opcode of its
     fused root, so the key does not depend on the backend's fusion names. Instructions
     that only name a buffer (parameters, tuples, bitcasts, loops) are left out.
