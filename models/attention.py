@@ -173,6 +173,10 @@ def cached_attention(
     b, t, heads, d = q.shape
     kv_heads = k.shape[1]
     grouped = q.reshape(b, t, kv_heads, heads // kv_heads, d)
+    if prefix is not None:
+        # Else XLA merges the two dots of q (DotMerger) by concatenating the cache's
+        # keys after the prefix keys: a copy of the layer's keys every step.
+        grouped = jax.lax.optimization_barrier(grouped)
     scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores * d**-0.5, jnp.finfo(jnp.float32).min)
     lse = jax.nn.logsumexp(scores, axis=-1)
