@@ -92,9 +92,9 @@ def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
     Counts the unfused instructions (and fusions) whose result holds an array of the
     cache's shape (all layers, ``[L, B, K, S, D]``) or of one layer (``[B, K, S, D]``)
     with its axes in any order (a transpose) and at least ``S`` slots (a concatenation
-    with prefix keys), keyed ``"<opcode> (all layers|one layer)"``. A fusion is named by the opcode of its
-    fused root, so the key does not depend on the backend's fusion names. Instructions
-    that only name a buffer (parameters, tuples, bitcasts, loops) are left out.
+    with prefix keys), keyed ``"<opcode> (all layers|one layer)"``. A fusion is named by
+    the opcode of its fused root, so the key does not depend on the backend's fusion
+    names. Instructions that only name a buffer (parameters, tuples, bitcasts, loops) are left out.
 
     Example:
         >>> from jpeft.models.config import LlamaConfig
@@ -120,13 +120,13 @@ def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
             called = re.search(r"calls=%([\w.-]+)", line)
             opcode = roots.get(called.group(1), "fusion") if called else opcode
         for dims in _ARRAY.findall(match.group(1)):
-            extent = _extent(tuple(int(d) for d in dims.split(",") if d), cache)
+            extent = cache_extent(tuple(int(d) for d in dims.split(",") if d), cache)
             if extent:
                 counts[f"{opcode} ({extent})"] += 1
     return counts
 
 
-def _extent(shape: tuple[int, ...], cache: KVCache) -> str | None:
+def cache_extent(shape: tuple[int, ...], cache: KVCache) -> str | None:
     """ "all layers" or "one layer" when ``shape`` holds that much of the cache (see
     :func:`cache_buffers`), else None."""
     whole = tuple(cache.k.shape)
