@@ -145,8 +145,14 @@ def abstract_params(run: RunConfig, cfg: LlamaConfig) -> Any:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
 
 
-def measure(row: Row, cfg: LlamaConfig, args: argparse.Namespace, mesh: Any) -> dict[str, Any]:
-    """Compile the row's train step on ``mesh``; its peak and host bytes and its FLOPs."""
+def measure(
+    row: Row, cfg: LlamaConfig, args: argparse.Namespace, mesh: Any, platform: str | None = None
+) -> dict[str, Any]:
+    """Compile the row's train step on ``mesh``; its peak and host bytes and its FLOPs.
+
+    FLOPs count the branches ``platform`` (``"cuda"`` for the H100 target) lowers, e.g. the
+    Pallas flash kernel rather than XLA's attention; None takes the costlier branch.
+    """
     run = run_config(row, args)
     trainable, frozen = jpeft.split(abstract_params(run, cfg))
     state = jax.eval_shape(lambda t: build.create_state(run, t, cfg), trainable)
@@ -179,7 +185,9 @@ def measure(row: Row, cfg: LlamaConfig, args: argparse.Namespace, mesh: Any) -> 
         "host": int(memory.host_argument_size_in_bytes),
         "host_out": int(memory.host_output_size_in_bytes),
         "host_ops": compiled.as_text().count(HOST_COMPUTE),
-        "flops": jaxpr_flops(functools.partial(train_step, accum=1), state, frozen, batch),
+        "flops": jaxpr_flops(
+            functools.partial(train_step, accum=1), state, frozen, batch, platform=platform
+        ),
     }
 
 
@@ -227,7 +235,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.smoke and not on_gpu:
         sys.exit("no H100 target here (CUDA plugin or shared/tools/h100_sxm.txtpb); try --smoke")
     mesh = target_mesh((1, 1, 1), MESH_AXES, prefer_gpu=on_gpu)
-    results = [measure(row, shapes[row.shape], args, mesh) for row in rows]
+    platform = "cuda" if on_gpu else None
+    results = [measure(row, shapes[row.shape], args, mesh, platform) for row in rows]
     target = "H100 SXM (deviceless)" if on_gpu else "CPU (smoke)"
     print(f"Compiled train step for {target}, B x T = rows x {args.seq}, bf16:\n")
     print(table(results, smoke=not on_gpu))

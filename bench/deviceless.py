@@ -122,8 +122,9 @@ def peak_bytes(compiled: Any) -> int:
     )
 
 
-# Primitives whose sub-jaxprs run once per call; scan bodies run `length` times.
-_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+# Primitives whose sub-jaxprs run once per call (custom_partitioning keeps its in `call`);
+# scan bodies run `length` times.
+_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr", "call")
 
 
 def jaxpr_flops(fn: Callable[..., Any], *args: Any, platform: str | None = None) -> int:

@@ -71,6 +71,15 @@ class Node(ParamNode):
         """What :func:`jpeft.merge` puts in this node's place (itself if it cannot fold)."""
         return self
 
+    def bias_merged(self) -> tuple[Any, jax.Array | None]:
+        """``(node, delta)``: for a kernel node, what merging adds to its layer's bias
+        ``[..., out]`` (None: nothing) and the node with that part taken out.
+
+        :func:`jpeft.merge` adds ``delta`` to the ``bias`` next to the kernel (peft's
+        ``lora_bias``); the default adds nothing.
+        """
+        return self, None
+
     def logical_axes(self, base: Axes | None) -> Any:
         """This node with each array replaced by its logical axis names (a tuple).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from jpeft.models.pytree import Tree
 from jpeft.nodes import Node, is_node
@@ -112,7 +113,28 @@ def merge(params: Tree) -> Tree:
         >>> merge({"norm": Trained(jnp.ones(3))})["norm"].shape
         (3,)
     """
-    return jax.tree.map(lambda x: x.merged() if is_node(x) else x, params, is_leaf=is_node)
+    folded = _fold_biases(params, ())
+    return jax.tree.map(lambda x: x.merged() if is_node(x) else x, folded, is_leaf=is_node)
+
+
+def _fold_biases(tree: Tree, path: tuple[str, ...]) -> Tree:
+    """``tree`` with each kernel node's bias part (:meth:`Node.bias_merged`) added to its bias."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = {k: _fold_biases(v, (*path, k)) for k, v in tree.items()}
+    if not is_node(tree.get("kernel")):
+        return tree
+    kernel, delta = tree["kernel"].bias_merged()
+    if delta is None:
+        return tree
+    if "bias" not in tree:
+        name = "/".join(path)
+        raise ValueError(
+            f"merge: {name} has an adapter bias (peft's lora_bias=True) but the layer has no "
+            "bias to fold it into (peft refuses this merge too); keep the adapter unmerged"
+        )
+    bias = jnp.asarray(tree["bias"])
+    return {**tree, "kernel": kernel, "bias": (bias.astype(jnp.float32) + delta).astype(bias.dtype)}
 
 
 def nbytes(tree: Tree) -> int:

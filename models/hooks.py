@@ -65,6 +65,19 @@ class ParamNode:
         """``x @ w`` for this weight node (``[in, out]``); default: through :meth:`dense`."""
         return jnp.matmul(x.astype(ctx.dtype), self.dense().astype(ctx.dtype))
 
+    def lookup(self, ids: jax.Array, ctx: Context) -> jax.Array:
+        """Rows ``ids [...]`` of the embedding table ``[vocab, hidden]`` this node stands for.
+
+        Default: rows of :meth:`dense`; a node may gather only what it needs.
+        """
+        return self.dense()[ids]
+
+    def tied_output(self) -> jax.Array:
+        """The ``[vocab, hidden]`` table a tied ``lm_head`` multiplies by, this node standing
+        at ``embed_tokens/embedding``. Default: :meth:`dense` (what the node does to the
+        input embedding reaches the output too, as peft's trainable tokens do)."""
+        return self.dense()
+
     def prompt_embeddings(self, batch_size: int, ctx: Context) -> jax.Array | None:
         """Virtual-token embeddings ``[B, n, hidden]`` to prepend, or None."""
         return None

@@ -51,6 +51,38 @@ def dense(w: Any) -> jax.Array:
     return jnp.asarray(w)
 
 
+@functools.singledispatch
+def lookup(w: Any, ids: jax.Array, ctx: Context) -> jax.Array:
+    """Rows ``ids [...]`` of an embedding table node ``w [vocab, hidden]``: ``[..., hidden]``.
+
+    Example:
+        >>> lookup(jnp.eye(3), jnp.array([2, 0]), Context()).tolist()
+        [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    """
+    return jnp.asarray(w)[ids]
+
+
+@functools.singledispatch
+def tied_output(w: Any) -> jax.Array:
+    """The ``[vocab, hidden]`` table a tied ``lm_head`` uses, for embedding table node ``w``.
+
+    Example:
+        >>> tied_output(jnp.eye(2)).shape
+        (2, 2)
+    """
+    return jnp.asarray(w)
+
+
+@lookup.register(ParamNode)
+def _lookup_node(w: ParamNode, ids: jax.Array, ctx: Context) -> jax.Array:
+    return w.lookup(ids, ctx)
+
+
+@tied_output.register(ParamNode)
+def _tied_output_node(w: ParamNode) -> jax.Array:
+    return w.tied_output()
+
+
 @matmul.register(ParamNode)
 def _matmul_node(w: ParamNode, x: jax.Array, ctx: Context, name: str) -> jax.Array:
     return w.matmul(x, ctx, name)

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.models import hooks, param_spec
 from jpeft.models.attention import CausalMask, check_implementation
@@ -22,11 +23,14 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.flash_attention import RESIDUALS
 from jpeft.models.layers import decoder_layer, rms_norm
-from jpeft.models.linear import dense, linear
+from jpeft.models.linear import linear, lookup, tied_output
 from jpeft.models.pytree import Params, put_path
 from jpeft.models.rope import rotary_tables
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The name of each layer's input (the scan's carry), which every policy keeps; the
+# offloading policies keep it in host memory (at 1.1B, B=4 x T=2048: 0.7 GB off the device).
+LAYER_INPUT = "layer_input"
 
 
 def _saving(*names: str, offload: bool = False) -> Callable[..., Any]:
@@ -46,15 +50,16 @@ def _saving(*names: str, offload: bool = False) -> Callable[..., Any]:
 #     norms and elementwise work are recomputed;
 #   proj_attn: also the fused attention's output and log-sum-exp (RESIDUALS), so only
 #     norms and elementwise work are recomputed (the XLA path still recomputes attention);
-#   *_offload: the same values, kept in host memory (pinned_host) between the passes.
+#   *_offload: the same values and each layer's input (LAYER_INPUT), kept in host memory
+#     (pinned_host) between the passes.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "proj": _saving(*PROJECTIONS),
     "proj_attn": _saving(*PROJECTIONS, *RESIDUALS),
-    "proj_offload": _saving(*PROJECTIONS, offload=True),
-    "proj_attn_offload": _saving(*PROJECTIONS, *RESIDUALS, offload=True),
+    "proj_offload": _saving(LAYER_INPUT, *PROJECTIONS, offload=True),
+    "proj_attn_offload": _saving(LAYER_INPUT, *PROJECTIONS, *RESIDUALS, offload=True),
 }
 # The training default (RunConfig.remat), chosen by bench/remat.py on the 1.1B LoRA step
 # compiled for an H100: device peak as low as "full" with the FLOPs of "proj_attn".
@@ -106,7 +111,7 @@ def forward(
     b, t = input_ids.shape
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
     mask = mask.astype(jnp.int32)
-    x = dense(params["embed_tokens"]["embedding"])[input_ids].astype(ctx.dtype)
+    x = lookup(params["embed_tokens"]["embedding"], input_ids, ctx).astype(ctx.dtype)
     peft = hooks.method_inputs(params, b, ctx, prefill=cache is None or not cache.started)
     x, mask, position_ids, n_prompt = _prepend_prompt(
         peft.prompt, x, mask, position_ids, segment_ids
@@ -174,7 +179,9 @@ def lm_head(
 ) -> jax.Array:
     """Logits ``[..., vocab]`` of final normed hidden states ``x [..., hidden]``.
 
-    The output embedding, or the input embedding when ``cfg.tie_word_embeddings``.
+    The output embedding, or the input embedding when ``cfg.tie_word_embeddings``
+    (:func:`jpeft.models.linear.tied_output` of its node: a LoRA on ``embed_tokens``
+    adapts the input only, as peft's does).
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -184,7 +191,7 @@ def lm_head(
     """
     ctx = ctx or Context()
     if cfg.tie_word_embeddings:
-        return x @ dense(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
+        return x @ tied_output(params["embed_tokens"]["embedding"]).astype(ctx.dtype).T
     return linear(params["lm_head"], x, ctx, "lm_head")
 
 
@@ -213,6 +220,7 @@ def _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention
         if cache is not None:
             kv.update(cache=stacked, layer=xs["index"], length=cache.length)
         ctx_layer = ctx.for_layer(xs["index"])
+        h = checkpoint_name(h, LAYER_INPUT)
         layer_out = decoder_layer(
             xs["layer"], h, rope, attn_mask, cfg, ctx_layer, kv, attention_impl
         )

@@ -172,10 +172,40 @@ LAYOUT: tuple[ParamSpec, ...] = (
 """Every leaf any config can have, in HF state-dict order (layer leaves repeat per layer)."""
 
 _BY_PATH = {spec.path: spec for spec in LAYOUT}
+TOP_MODULES = ("embed_tokens", "lm_head")
+"""The modules outside the decoder layers that peft adapts (LoRA, ``modules_to_save``)."""
+_TOP = {spec.hf_module.rpartition(".")[2]: spec for spec in LAYOUT if not spec.per_layer}
 BASE_ENTRIES = frozenset(spec.path[0] for spec in LAYOUT)
 """Top-level keys of the base params tree; any other top-level entry is a PEFT method's."""
 LAYER_ENTRIES = frozenset(spec.path[1] for spec in LAYOUT if spec.per_layer)
 """Keys under ``layers`` of the base tree; any other one is a PEFT method's per-layer node."""
+
+
+def top_module(module: str) -> ParamSpec:
+    """The spec of the weight of a module outside the layers (``"embed_tokens"``, ``"lm_head"``).
+
+    Its ``path`` is where the weight sits in params, its ``hf_module`` the module's full
+    transformers name. Raises ``ValueError`` for any other name.
+
+    Example:
+        >>> top_module("embed_tokens").hf_module, top_module("lm_head").path
+        ('model.embed_tokens', ('lm_head', 'kernel'))
+    """
+    if module not in TOP_MODULES:
+        raise ValueError(f"{module!r} is not one of {list(TOP_MODULES)}")
+    return _TOP[module]
+
+
+def weight_path(module: str) -> tuple[str, ...]:
+    """Where the weight of ``module`` (a projection, ``embed_tokens`` or ``lm_head``) sits.
+
+    Example:
+        >>> weight_path("v_proj"), weight_path("embed_tokens")
+        (('layers', 'self_attn', 'v_proj', 'kernel'), ('embed_tokens', 'embedding'))
+    """
+    if module in TOP_MODULES:
+        return top_module(module).path
+    return (LAYER_AXIS, group_of(module), module, "kernel")
 
 
 def axis_sizes(cfg: LlamaConfig) -> dict[str, int]:

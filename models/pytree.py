@@ -45,4 +45,22 @@ def put_path(tree: Params, path: Sequence[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-__all__ = ["Axes", "Params", "Tree", "get_path", "put_path"]
+def replace_paths(tree: Params, values: dict[tuple[str, ...], Any]) -> Params:
+    """A copy of ``tree`` with ``values`` put at their paths (only the dicts on the way copied).
+
+    Example:
+        >>> tree = {"a": {"b": 1, "c": 2}}
+        >>> replace_paths(tree, {("a", "b"): 3}), tree
+        ({'a': {'b': 3, 'c': 2}}, {'a': {'b': 1, 'c': 2}})
+    """
+    out = dict(tree)
+    for path, value in values.items():
+        node = out
+        for key in path[:-1]:
+            node[key] = dict(node.get(key, {}))
+            node = node[key]
+        node[path[-1]] = value
+    return out
+
+
+__all__ = ["Axes", "Params", "Tree", "get_path", "put_path", "replace_paths"]

@@ -208,7 +208,7 @@ def test_adapter_name_makes_no_difference(params, cfg):
     ("kwargs", "match"),
     [
         ({"targets": ("q_proj", "qkv_proj")}, r"\['qkv_proj'\].*valid names.*q_proj"),
-        ({"targets": ("lm_head",)}, "valid names"),
+        ({"targets": ("lm_heads",)}, "valid names"),
         ({"targets": r".*\.nope"}, "match no module"),
         ({"layers_to_transform": (5,)}, "out of range"),
         ({"rank_pattern": {"q_prj": 2}}, "rank_pattern keys"),

@@ -101,7 +101,7 @@ def _saved(params, cfg, tmp_path, **config):
 
 
 def test_unsupported_peft_settings_raise(params, cfg, tmp_path):
-    _saved(params, cfg, tmp_path, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    _saved(params, cfg, tmp_path, target_modules=["v_proj"], modules_to_save=["q_proj"])
     with pytest.raises(ValueError, match="modules_to_save"):
         jpeft.load_hf_adapter(tmp_path, params, cfg)
 

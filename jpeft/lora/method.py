@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.adapter_files import AdapterConfig, AdapterTensors, read_adapter_dir
-from jpeft.lora import peft_io
+from jpeft.lora import peft_io, trainable
 from jpeft.lora.multi import BASE, adapter_names, add_adapter, set_adapter
 from jpeft.lora.node import LoRAAdapter, LoRAWeight
-from jpeft.lora.targets import ALL_LINEAR, ModulePlan, resolve
+from jpeft.lora.targets import ALL_LINEAR, ModulePlan, live_patterns, resolve
 from jpeft.method import Method, register
 from jpeft.models.config import LlamaConfig
 from jpeft.models.linear import dense
-from jpeft.models.param_spec import group_of
-from jpeft.models.pytree import Params
+from jpeft.models.param_spec import weight_path
+from jpeft.models.pytree import Params, get_path, replace_paths
 from jpeft.nodes import layer_mask
 
 INITS = ("default", "gaussian")
@@ -45,6 +45,13 @@ class LoRA(Method):
             ``"gaussian"`` (A normal with std 1/r; B 0). Either way the model starts
             equal to its base.
         use_dora: weight-decomposed LoRA (a trainable magnitude per output).
+        modules_to_save: ``"embed_tokens"`` / ``"lm_head"`` to train in full (peft's
+            option; a :class:`jpeft.Trained` copy, see :mod:`jpeft.lora.trainable`).
+        trainable_token_indices: token ids whose ``embed_tokens`` rows train (peft's
+            ``TrainableTokens``; the rows are tied to a tied ``lm_head``).
+        lora_bias: peft's ``lora_bias``: a trainable bias on ``B`` (zeros at init), scaled
+            with it; merging adds ``scaling * bias`` to the layer's bias (layers without
+            one cannot merge). Not with DoRA (as peft).
         adapter_name: the adapter's name; ``init`` on params that already hold
             adapters adds this one and makes it the active one.
 
@@ -67,6 +74,9 @@ class LoRA(Method):
     init_weights: str = "default"
     use_dora: bool = False
     adapter_name: str = "default"
+    modules_to_save: tuple[str, ...] = ()
+    trainable_token_indices: tuple[int, ...] = ()
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         targets = self.targets
@@ -81,6 +91,10 @@ class LoRA(Method):
         layers = self.layers_to_transform
         layers = (layers,) if isinstance(layers, int) else layers
         object.__setattr__(self, "targets", targets)
+        modules = trainable.trained_modules(self.modules_to_save, "LoRA")
+        object.__setattr__(self, "modules_to_save", modules)
+        tokens = trainable.token_indices(self.trainable_token_indices, "LoRA")
+        object.__setattr__(self, "trainable_token_indices", tokens)
         object.__setattr__(self, "layers_to_transform", None if layers is None else tuple(layers))
         if not (isinstance(self.r, int) and self.r > 0):
             raise ValueError(f"LoRA: r must be a positive int, got {self.r!r}")
@@ -94,6 +108,10 @@ class LoRA(Method):
             raise ValueError(f"LoRA: dropout must be in [0, 1), got {self.dropout}")
         if self.init_weights not in INITS:
             raise ValueError(f"LoRA: init_weights {self.init_weights!r}; valid: {list(INITS)}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError(
+                "LoRA: lora_bias=True is not supported with DoRA (peft refuses it too)"
+            )
         if not self.adapter_name or self.adapter_name == BASE:
             raise ValueError(f"LoRA: adapter_name {self.adapter_name!r} is reserved or empty")
 
@@ -119,59 +137,106 @@ class LoRA(Method):
         if self.adapter_name in names:
             raise ValueError(f"LoRA: params already hold an adapter named {self.adapter_name!r}")
         plans = self.plans(cfg)
-        layers = {group: dict(entries) for group, entries in params["layers"].items()}
-        kernels = {m: layers[group_of(m)][m]["kernel"] for m in plans}
+        if cfg.tie_word_embeddings and "lm_head" in plans:
+            raise ValueError(
+                "LoRA: lm_head is tied to embed_tokens (tie_word_embeddings=True); jpeft adapts "
+                "a tied lm_head only through embed_tokens: target embed_tokens, or load the "
+                "model with tie_word_embeddings=False"
+            )
+        if (self.use_dora or self.lora_bias) and "embed_tokens" in plans:
+            raise ValueError(
+                "LoRA: use_dora and lora_bias on embed_tokens are not supported; target linears"
+            )
+        modules, tokens = self.modules_to_save, self.trainable_token_indices
+        trainable.check(modules, tokens, cfg)
+        clash = sorted(set(plans) & {*modules, *(("embed_tokens",) if tokens else ())})
+        if clash:
+            raise ValueError(f"LoRA: {clash} are both LoRA targets and trained apart")
+        kernels = {m: get_path(params, weight_path(m)) for m in plans}
         bases = {m: k.base if isinstance(k, LoRAWeight) else k for m, k in kernels.items()}
         shapes = {m: jax.eval_shape(dense, base).shape for m, base in bases.items()}
         for module, shape in shapes.items():
-            if len(shape) != 3 or shape[0] != cfg.num_hidden_layers:
-                raise ValueError(f"LoRA: {module} kernel has shape {shape}, not [L, in, out]")
-        widths = [(*shapes[m][:2], plan.max_rank) for m, plan in plans.items()]
-        for (module, plan), noise in zip(plans.items(), self._noise(key, widths), strict=True):
-            adapter = self._adapter(plan, noise, bases[module], shapes[module][2], len(names))
-            entry = layers[group_of(module)][module]
-            kernel = add_adapter(kernels[module], adapter)
-            layers[group_of(module)][module] = {**entry, "kernel": kernel}
-        return set_adapter({**params, "layers": layers}, self.adapter_name)
+            stacked = plans[module].per_layer
+            if len(shape) != 2 + stacked or (stacked and shape[0] != cfg.num_hidden_layers):
+                expected = "[L, in, out]" if stacked else "[in, out]"
+                raise ValueError(f"LoRA: {module} weight has shape {shape}, not {expected}")
+        # what is drawn: a ``[..., in, r]``, or for the embedding (peft: A zero) b ``[r, out]``
+        widths = [
+            (plan.max_rank, shapes[m][-1])
+            if m == "embed_tokens"
+            else (*shapes[m][:-1], plan.max_rank)
+            for m, plan in plans.items()
+        ]
+        normal = [self.init_weights == "gaussian" or m == "embed_tokens" for m in plans]
+        updates = {}
+        noises = self._noise(key, widths, normal)
+        for (module, plan), noise in zip(plans.items(), noises, strict=True):
+            adapter = self._adapter(plan, noise, bases[module], shapes[module][-1], len(names))
+            updates[weight_path(module)] = add_adapter(kernels[module], adapter)
+        params = trainable.add(replace_paths(params, updates), modules, tokens)
+        return set_adapter(params, self.adapter_name)
 
-    def _noise(self, key: jax.Array | None, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
-        """Standard uniform(-1, 1) or normal arrays of ``shapes`` (zeros without a key).
+    def _noise(
+        self, key: jax.Array | None, shapes: list[tuple[int, ...]], normal: list[bool]
+    ) -> list[jax.Array]:
+        """Standard normal (where ``normal``) or uniform(-1, 1) arrays of ``shapes``.
 
-        One draw covers every module, so a single random kernel compiles per call.
+        Zeros without a key. One uniform and one normal draw cover every module, so a
+        single random kernel of each kind compiles per call.
         """
         if key is None:
             return [jnp.zeros(shape, jnp.float32) for shape in shapes]
         sizes = [math.prod(shape) for shape in shapes]
-        if self.init_weights == "default":
-            flat = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
-        else:
-            flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-        parts = jnp.split(flat, np.cumsum(sizes)[:-1])
-        return [part.reshape(shape) for part, shape in zip(parts, shapes, strict=True)]
+        flat = {
+            False: jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0),
+            True: jax.random.normal(key, (sum(sizes),), jnp.float32),
+        }
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+        return [
+            flat[n][start : start + size].reshape(shape)
+            for n, start, size, shape in zip(normal, starts, sizes, shapes, strict=True)
+        ]
 
     def _adapter(
         self, plan: ModulePlan, noise: jax.Array, base: Any, fan_out: int, index: int
     ) -> LoRAAdapter:
-        """The adapter for one module from standard uniform(-1, 1) / normal ``noise``."""
+        """The adapter for one module from standard uniform(-1, 1) / normal ``noise``.
+
+        ``embed_tokens`` follows peft's ``Embedding``: ``a`` (``lora_embedding_A``) zero
+        and ``b`` standard normal (``noise`` is then ``b``).
+        """
         ranks = np.asarray(plan.ranks)
+        if plan.module == "embed_tokens":
+            a = jnp.zeros((jax.eval_shape(dense, base).shape[0], plan.max_rank), jnp.float32)
+            return self._node(plan, a, noise, None, index)
         if self.init_weights == "default":  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(in))
-            scale = np.full((len(ranks), 1, 1), 1.0 / math.sqrt(noise.shape[1]))
+            scale = np.full((len(ranks), 1, 1), 1.0 / math.sqrt(noise.shape[-2]))
         else:  # normal with std 1/r
             scale = (1.0 / np.maximum(ranks, 1))[:, None, None]
         columns = np.arange(plan.max_rank)[None, None, :] < ranks[:, None, None]
+        mult = (scale * columns).astype(np.float32)
         magnitude = None
         if self.use_dora:  # ||W + s B A|| with B = 0; 0 in untouched layers (never read)
             norm = jnp.linalg.norm(dense(base).astype(jnp.float32), axis=-2)
-            magnitude = norm * (ranks > 0)[:, None]
+            magnitude = norm * (ranks > 0)[:, None] if plan.per_layer else norm
+        b = jnp.zeros((*noise.shape[:-2], plan.max_rank, fan_out), jnp.float32)
+        a = noise * (mult if plan.per_layer else mult[0])
+        return self._node(plan, a, b, magnitude, index)
+
+    def _node(
+        self, plan: ModulePlan, a: jax.Array, b: jax.Array, magnitude: Any, index: int
+    ) -> LoRAAdapter:
+        scaling = plan.scaling(self.use_rslora)
         return LoRAAdapter(
-            a=noise * (scale * columns).astype(np.float32),
-            b=jnp.zeros((len(ranks), plan.max_rank, fan_out), jnp.float32),
-            scaling=jnp.asarray(plan.scaling(self.use_rslora)),
+            a=a,
+            b=b,
+            scaling=jnp.asarray(scaling if plan.per_layer else scaling[0]),
             magnitude=magnitude,
             name=self.adapter_name,
             index=index,
             dropout=self.dropout,
-            layer_mask=layer_mask(plan.layers, len(ranks), "LoRA"),
+            layer_mask=layer_mask(plan.layers, len(plan.ranks), "LoRA") if plan.per_layer else None,
+            bias=jnp.zeros((*b.shape[:-2], b.shape[-1]), jnp.float32) if self.lora_bias else None,
         )
 
     def adapter_config(self, cfg: LlamaConfig) -> dict[str, Any]:
@@ -189,7 +254,8 @@ class LoRA(Method):
         cfg: LlamaConfig,
         adapter_name: str = "default",
     ) -> tuple[LoRA, Params]:
-        method = cls(**peft_io.options(config), adapter_name=adapter_name)
+        options = live_patterns(peft_io.options(config), cfg.num_hidden_layers, config.source)
+        method = cls(**options, adapter_name=adapter_name)
         params = method._add(params, cfg, key=None)
         return method, peft_io.fill(method, params, tensors, method.plans(cfg))
 

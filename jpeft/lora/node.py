@@ -15,6 +15,9 @@ them together):
 * ``magnitude [L, out]`` (DoRA only, else None): trainable; the output becomes
   ``m / ||W + scaling * a b||`` (column norm over ``in``, a constant for gradients
   as in peft) times ``x (W + scaling * a b)``.
+* ``bias [L, out]`` (peft's ``lora_bias=True`` only, else None): trainable, a bias on
+  ``b`` scaled with it: ``y = x W + scaling * (x a b + bias)``. :func:`jpeft.merge` adds
+  ``scaling * bias`` to the layer's own bias (a layer without one cannot merge, as in peft).
 
 Ranks that differ across layers are zero-padded to the largest: padded columns of
 ``a`` and rows of ``b`` multiply each other's zeros, so their gradients are exactly
@@ -37,13 +40,13 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models.context import Context
-from jpeft.models.linear import dense, matmul
+from jpeft.models.linear import dense, lookup, matmul, tied_output
 from jpeft.models.pytree import Axes
 from jpeft.nodes import Node, is_node, node
 
 
 @node(
-    trainable=("a", "b", "magnitude"),
+    trainable=("a", "b", "magnitude", "bias"),
     static=("name", "index", "dropout"),
     decay=("a", "b"),
     lora_plus=("b",),
@@ -70,6 +73,7 @@ class LoRAAdapter(Node):
     index: int
     dropout: float
     layer_mask: jax.Array | None = None
+    bias: jax.Array | None = None
 
 
 @node(static=("name", "index", "dropout"))
@@ -116,14 +120,24 @@ class LoRAWeight(Node):
                 return ad
         raise ValueError(f"LoRA: no adapter {name!r} on this weight; it holds {list(self.names)}")
 
-    def merged(self) -> jax.Array:
+    def merged(self) -> jax.Array | LoRAWeight:
         """The base with every active adapter folded in (inactive ones are dropped).
+
+        An active adapter with a ``bias`` cannot fold into the kernel alone: the node is
+        returned as it is (:func:`jpeft.merge` folds it with the layer's bias through
+        :meth:`bias_merged`).
 
         With adapters ``k`` (``L_k = scaling_k a_k b_k``; DoRA factor ``f_k``, 1 for
         plain LoRA): ``W' = W (1 + sum_k (f_k - 1)) + sum_k f_k L_k``, which is
         exactly what :func:`matmul` computes. A packed base (an NF4 node) is dequantized
         first, with a warning: the result is dense, and requantizing it would round.
         """
+        if self.bias_merged()[1] is not None:
+            return self
+        return self._merged_kernel()
+
+    def _merged_kernel(self) -> jax.Array:
+        """The kernel with every active adapter folded in (their biases left out)."""
         base = dense(self.base)
         if isinstance(self.base, Node):
             warnings.warn(
@@ -137,7 +151,24 @@ class LoRAWeight(Node):
         return (w * growth + added).astype(base.dtype)
 
     def dense(self) -> jax.Array:
-        return self.merged()
+        """The merged kernel ``[..., in, out]`` (adapter biases are not part of a kernel)."""
+        return self._merged_kernel()
+
+    def bias_merged(self) -> tuple[LoRAWeight, jax.Array | None]:
+        """``(node without adapter biases, sum of active adapters' scaling * bias [..., out])``.
+
+        The sum is None when no active adapter has a bias (peft's ``lora_bias=False``).
+        """
+        biased = [ad for ad in filter(_is_active, self.adapters) if ad.bias is not None]
+        if not biased:
+            return self, None
+        delta = sum(
+            _scale(ad, jnp.float32)[..., None] * ad.bias.astype(jnp.float32) for ad in biased
+        )
+        adapters = tuple(
+            dataclasses.replace(ad, bias=None) if _is_active(ad) else ad for ad in self.adapters
+        )
+        return LoRAWeight(self.base, adapters), delta
 
     def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
         """``x (W + sum of the adapters)``; with ``ctx.adapter_ids`` each row takes its own."""
@@ -153,6 +184,28 @@ class LoRAWeight(Node):
             out = out + jnp.where(rows, _adapter_output(self, ad, x, y, ctx, name), 0)
         return out
 
+    def lookup(self, ids: jax.Array, ctx: Context) -> jax.Array:
+        """Embedding rows ``[..., hidden]`` (peft's LoRA ``Embedding``): ``W[ids] + s a[ids] b``.
+
+        ``a [vocab, r]`` is peft's ``lora_embedding_A`` transposed, ``b [r, hidden]``
+        its ``lora_embedding_B`` transposed; no dropout (peft applies none there).
+        """
+        y = lookup(self.base, ids, ctx).astype(ctx.dtype)
+        rows = ctx.adapter_ids
+        for ad in self.adapters:
+            if rows is None and not _is_active(ad):
+                continue
+            delta = (ad.a.astype(ctx.dtype)[ids] @ ad.b.astype(ctx.dtype)) * _scale(ad, ctx.dtype)
+            if rows is not None:
+                mine = (rows == ad.index).reshape(rows.shape + (1,) * (y.ndim - rows.ndim))
+                delta = jnp.where(mine, delta, 0)
+            y = y + delta
+        return y
+
+    def tied_output(self) -> jax.Array:
+        """The base table: peft's embedding LoRA reaches a tied ``lm_head`` not at all."""
+        return tied_output(self.base)
+
     def logical_axes(self, base: Axes | None) -> LoRAWeight:
         """``a`` takes the base's input axis, ``b`` its output axis; the base keeps its own.
 
@@ -165,6 +218,7 @@ class LoRAWeight(Node):
             "scaling": lead,
             "layer_mask": lead,
             "magnitude": (*lead, axis_out),
+            "bias": (*lead, axis_out),
         }
 
         def adapter_axes(ad: LoRAAdapter | None) -> LoRAAdapter | None:
@@ -232,6 +286,8 @@ def _adapter_output(
         keep = jax.random.bernoulli(jax.random.fold_in(rng, ad.index), 1.0 - ad.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - ad.dropout), 0.0).astype(ctx.dtype)
     lora = (x @ ad.a.astype(ctx.dtype)) @ ad.b.astype(ctx.dtype)
+    if ad.bias is not None:
+        lora = lora + ad.bias.astype(ctx.dtype)
     lora = lora * _scale(ad, ctx.dtype)
     if ad.magnitude is None:
         return lora

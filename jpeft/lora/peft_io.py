@@ -5,24 +5,46 @@ On disk (adapter name stripped, torch layout), for each transformed layer ``i``:
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight   [r_i, in]
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.weight   [out, r_i]
     base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_magnitude_vector  [out]
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_B.bias     [out]
 
-(the last for DoRA). Untouched layers have no tensors; ``r_i`` is the layer's own
-rank (our arrays are zero-padded to the module's largest rank).
+(the magnitude for DoRA, the bias with ``lora_bias=True``). Untouched layers have no
+tensors; ``r_i`` is the layer's own rank (our arrays are zero-padded to the module's
+largest rank). Outside the layers::
+
+    base_model.model.lm_head.lora_A.weight                   [r, hidden]
+    base_model.model.lm_head.lora_B.weight                   [vocab, r]
+    base_model.model.model.embed_tokens.lora_embedding_A     [r, vocab]
+    base_model.model.model.embed_tokens.lora_embedding_B     [hidden, r]
+    base_model.model.{lm_head|model.embed_tokens}.base_layer.weight   [vocab, hidden]
+
+peft saves the adapted module's base weight with it (``save_embedding_layers``), and
+loading puts it in place of the model's; so do we. ``modules_to_save`` and trainable
+tokens are :mod:`jpeft.lora.trainable`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.adapter_files import NUMBER, SEQUENCE, AdapterConfig, AdapterTensors, peft_module
+from jpeft.adapter_files import (
+    NUMBER,
+    PEFT_PREFIX,
+    SEQUENCE,
+    AdapterConfig,
+    AdapterTensors,
+    peft_module,
+)
+from jpeft.lora import trainable
 from jpeft.lora.node import LoRAWeight
 from jpeft.lora.targets import ALL_LINEAR, ModulePlan
-from jpeft.models.param_spec import PROJECTIONS, group_of
-from jpeft.models.pytree import Params
+from jpeft.models.linear import dense
+from jpeft.models.param_spec import PROJECTIONS, top_module, weight_path
+from jpeft.models.pytree import Params, get_path, replace_paths
 
 if TYPE_CHECKING:
     from jpeft.lora.method import LoRA
@@ -37,11 +59,9 @@ _UNSUPPORTED = (
     "fan_in_fan_out",
     "kasa_config",
     "layer_replication",
-    "lora_bias",
-    "modules_to_save",
+    "ensure_weight_tying",
     "monteclora_config",
     "target_parameters",
-    "trainable_token_indices",
     "use_bdlora",
     "use_qalora",
     "velora_config",
@@ -50,11 +70,27 @@ _INITS = {True: "default", False: "default", "gaussian": "gaussian"}
 
 
 def _lora_weight(params: Params, module: str) -> LoRAWeight:
-    """The :class:`LoRAWeight` at ``module``'s kernel (``ValueError`` if there is none)."""
-    kernel = params["layers"][group_of(module)][module]["kernel"]
+    """The :class:`LoRAWeight` at ``module``'s weight (``ValueError`` if there is none)."""
+    kernel = get_path(params, weight_path(module))
     if not isinstance(kernel, LoRAWeight):
-        raise ValueError(f"LoRA: layers/{group_of(module)}/{module}/kernel holds no LoRA node")
+        raise ValueError(f"LoRA: {'/'.join(weight_path(module))} holds no LoRA node")
     return kernel
+
+
+def _sites(plan: ModulePlan) -> Iterator[tuple[int | None, str, int]]:
+    """``(layer, peft key, rank)`` of each adapted instance (layer None outside the layers)."""
+    if not plan.per_layer:
+        yield None, PEFT_PREFIX + top_module(plan.module).hf_module, plan.ranks[0]
+        return
+    for i in plan.layers:
+        yield i, peft_module(i, plan.module), plan.ranks[i]
+
+
+def _names(module: str, key: str) -> tuple[str, str]:
+    """The peft names of the ``a`` and ``b`` tensors of ``module`` at ``key``."""
+    if module == "embed_tokens":
+        return f"{key}.lora_embedding_A", f"{key}.lora_embedding_B"
+    return f"{key}.lora_A.weight", f"{key}.lora_B.weight"
 
 
 def peft_config(method: LoRA) -> dict[str, Any]:
@@ -79,10 +115,12 @@ def peft_config(method: LoRA) -> dict[str, Any]:
         "alpha_pattern": dict(method.alpha_pattern),
         "use_rslora": method.use_rslora,
         "use_dora": method.use_dora,
+        "lora_bias": method.lora_bias,
         "init_lora_weights": True if method.init_weights == "default" else method.init_weights,
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        "modules_to_save": list(method.modules_to_save) or None,
+        "trainable_token_indices": list(method.trainable_token_indices) or None,
     }
 
 
@@ -118,7 +156,9 @@ def options(config: AdapterConfig | dict[str, Any]) -> dict[str, Any]:
         "alpha_pattern": dict(config.get("alpha_pattern", dict, {}, items=NUMBER)),
         "use_rslora": config.get("use_rslora", bool, False),
         "use_dora": config.get("use_dora", bool, False),
+        "lora_bias": config.get("lora_bias", bool, False),
         "init_weights": _INITS[init],
+        **trainable.options(config),
     }
 
 
@@ -131,15 +171,24 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
     """
     out = {}
     for module, plan in plans.items():
-        ad = _lora_weight(params, module).adapter(method.adapter_name)
+        weight = _lora_weight(params, module)
+        ad = weight.adapter(method.adapter_name)
         a, b = np.asarray(ad.a), np.asarray(ad.b)
-        for i in plan.layers:
-            key, rank = peft_module(i, module), plan.ranks[i]
-            out[f"{key}.lora_A.weight"] = a[i, :, :rank].T
-            out[f"{key}.lora_B.weight"] = b[i, :rank, :].T
+        for i, key, rank in _sites(plan):
+            a_i, b_i = (a, b) if i is None else (a[i], b[i])
+            name_a, name_b = _names(module, key)
+            out[name_a], out[name_b] = a_i[:, :rank].T, b_i[:rank, :].T
             if ad.magnitude is not None:
-                out[f"{key}.lora_magnitude_vector"] = np.asarray(ad.magnitude[i])
-    return out
+                magnitude = np.asarray(ad.magnitude)
+                out[f"{key}.lora_magnitude_vector"] = magnitude if i is None else magnitude[i]
+            if ad.bias is not None:
+                bias = np.asarray(ad.bias)
+                out[f"{key}.lora_B.bias"] = bias if i is None else bias[i]
+            if i is None:
+                base = np.asarray(dense(weight.base))
+                out[f"{key}.base_layer.weight"] = base.T if top_module(module).transposed else base
+    modules, tokens = method.modules_to_save, method.trainable_token_indices
+    return {**out, **trainable.tensors(params, modules, tokens)}
 
 
 def fill(
@@ -152,29 +201,49 @@ def fill(
     Example:
         >>> params = fill(method, params, tensors, method.plans(cfg))  # doctest: +SKIP
     """
-    layers = {group: dict(entries) for group, entries in params["layers"].items()}
+    updates = {}
     for module, plan in plans.items():
         weight = _lora_weight(params, module)
         ad = weight.adapter(method.adapter_name)
         a, b = np.array(ad.a), np.array(ad.b)
         magnitude = None if ad.magnitude is None else np.array(ad.magnitude)
+        bias = None if ad.bias is None else np.array(ad.bias)
         fan_in, fan_out = a.shape[-2], b.shape[-1]
-        for i in plan.layers:
-            key, r = peft_module(i, module), plan.ranks[i]
-            a[i, :, :r] = found.take(f"{key}.lora_A.weight", (r, fan_in)).T
-            b[i, :r, :] = found.take(f"{key}.lora_B.weight", (fan_out, r)).T
+        base = weight.base
+        for i, key, r in _sites(plan):
+            a_i, b_i = (a, b) if i is None else (a[i], b[i])
+            name_a, name_b = _names(module, key)
+            a_i[:, :r] = found.take(name_a, (r, fan_in)).T
+            b_i[:r, :] = found.take(name_b, (fan_out, r)).T
             if magnitude is not None:
-                magnitude[i] = found.take(f"{key}.lora_magnitude_vector", (fan_out,))
+                m_i = magnitude if i is None else magnitude[i]
+                m_i[...] = found.take(f"{key}.lora_magnitude_vector", (fan_out,))
+            if bias is not None:
+                bias_i = bias if i is None else bias[i]
+                bias_i[...] = found.take(f"{key}.lora_B.bias", (fan_out,))
+            if i is None and f"{key}.base_layer.weight" in found.tensors:
+                base = _base_from_file(found, f"{key}.base_layer.weight", module, base)
         new = dataclasses.replace(
             ad,
             a=jnp.asarray(a),
             b=jnp.asarray(b),
             magnitude=None if magnitude is None else jnp.asarray(magnitude),
+            bias=None if bias is None else jnp.asarray(bias),
         )
         adapters = tuple(new if x.name == ad.name else x for x in weight.adapters)
-        entry = layers[group_of(module)][module]
-        layers[group_of(module)][module] = {**entry, "kernel": LoRAWeight(weight.base, adapters)}
-    return {**params, "layers": layers}
+        updates[weight_path(module)] = LoRAWeight(base, adapters)
+    params = replace_paths(params, updates)
+    modules, tokens = method.modules_to_save, method.trainable_token_indices
+    return trainable.fill(params, found, modules, tokens)
+
+
+def _base_from_file(found: AdapterTensors, name: str, module: str, base: Any) -> Any:
+    """The saved base weight of an adapted embedding or ``lm_head`` (peft loads it in place)."""
+    spec = top_module(module)
+    current = np.asarray(dense(base))
+    shape = current.shape[::-1] if spec.transposed else current.shape
+    value = found.take(name, shape)
+    return jnp.asarray(value.T if spec.transposed else value, current.dtype)
 
 
 def _listed(layers: tuple[int, ...] | None) -> list[int] | None:

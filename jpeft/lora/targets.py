@@ -1,18 +1,26 @@
 """Which projections and layers a LoRA adapter touches, with what rank and alpha.
 
 Matching follows HF peft (``check_target_module_exists`` / ``get_pattern_key``) on
-the module names of transformers' LLaMA, ``model.layers.{i}.{self_attn|mlp}.{name}``:
+the module names of transformers' LLaMA, ``model.layers.{i}.{self_attn|mlp}.{name}``,
+``model.embed_tokens`` and ``lm_head``:
 
 * ``targets="all-linear"``: every projection of every layer (``lm_head`` excluded).
 * a tuple of names: a module is targeted when its full name *equals* one of them, or
   *ends with* ``"." + name`` and its layer is in ``layers_to_transform`` (peft skips
-  the layer filter for exact full names, and so do we).
+  the layer filter for exact full names, and so do we; ``embed_tokens`` and
+  ``lm_head`` have no layer, so a layer filter leaves them out unless named in full).
 * any other string: a regular expression that must match a full name entirely.
 
 ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched against the end of a
-full name (``(.*\\.)?(key)$``); the first matching key wins, as in peft. Each
-targeted module gets one rank per layer; layers with differing ranks are zero-padded
-to the module's largest rank (see :mod:`jpeft.lora.node`).
+full name (``re.match(rf"(.*\\.)?({key})$", name)``, peft's ``get_pattern_key``); the
+first matching key wins, as in peft. Each targeted projection gets one rank per
+layer; layers with differing ranks are zero-padded to the module's largest rank (see
+:mod:`jpeft.lora.node`). ``embed_tokens`` and ``lm_head`` get one rank (``ranks`` of
+length 1, ``per_layer`` False).
+
+A key that matches no targeted module is dead. peft only warns about it (and saves
+it), so :func:`live_patterns` drops such keys from a file peft wrote, with a warning;
+:func:`resolve` refuses keys matching no module at all in a config written for jpeft.
 """
 
 from __future__ import annotations
@@ -20,14 +28,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jpeft.models.param_spec import PROJECTIONS, module_name
+from jpeft.models.param_spec import PROJECTIONS, TOP_MODULES, module_name, top_module
 
 ALL_LINEAR = "all-linear"
+MODULES = PROJECTIONS + TOP_MODULES
+"""Every module LoRA can adapt, by its short name."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +54,11 @@ class ModulePlan:
     module: str
     ranks: tuple[int, ...]
     alphas: tuple[float, ...]
+
+    @property
+    def per_layer(self) -> bool:
+        """True for projections (stacked over layers), False for ``embed_tokens``/``lm_head``."""
+        return self.module in PROJECTIONS
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -74,7 +90,7 @@ def resolve(
     alpha_pattern: Mapping[str, float],
     num_layers: int,
 ) -> dict[str, ModulePlan]:
-    """The plan of every targeted projection, in ``PROJECTIONS`` order.
+    """The plan of every targeted module, in :data:`MODULES` order.
 
     Raises ``ValueError`` naming the valid modules when a target matches nothing.
 
@@ -92,10 +108,9 @@ def resolve(
     _check_patterns(rank_pattern, alpha_pattern, num_layers)
     _check_targets(targets, num_layers)
     plans = {}
-    for module in PROJECTIONS:
+    for module in MODULES:
         ranks, alphas = [], []
-        for i in range(num_layers):
-            name = module_name(i, module)
+        for i, name in _sites(module, num_layers):
             hit = _targeted(targets, layers_to_transform, name, i)
             ranks.append(int(_pattern_value(rank_pattern, name, r)) if hit else 0)
             alphas.append(float(_pattern_value(alpha_pattern, name, alpha)))
@@ -109,11 +124,24 @@ def resolve(
     return plans
 
 
+def _sites(module: str, num_layers: int) -> Iterator[tuple[int | None, str]]:
+    """``(layer, full name)`` of each instance of ``module`` (layer None outside the layers)."""
+    if module in TOP_MODULES:
+        yield None, top_module(module).hf_module
+        return
+    for i in range(num_layers):
+        yield i, module_name(i, module)
+
+
+def _names(num_layers: int) -> list[str]:
+    return [name for module in MODULES for _, name in _sites(module, num_layers)]
+
+
 def _targeted(
-    targets: str | tuple[str, ...], layers: Sequence[int] | None, name: str, i: int
+    targets: str | tuple[str, ...], layers: Sequence[int] | None, name: str, i: int | None
 ) -> bool:
     if targets == ALL_LINEAR:
-        return layers is None or i in layers
+        return i is not None and (layers is None or i in layers)
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     if name in targets:
@@ -122,7 +150,7 @@ def _targeted(
 
 
 def _check_targets(targets: str | tuple[str, ...], num_layers: int) -> None:
-    names = [module_name(i, m) for i in range(num_layers) for m in PROJECTIONS]
+    names = _names(num_layers)
     if targets == ALL_LINEAR:
         return
     if isinstance(targets, str):
@@ -132,7 +160,7 @@ def _check_targets(targets: str | tuple[str, ...], num_layers: int) -> None:
     if unmatched:
         raise ValueError(
             f"LoRA: target modules {unmatched} match no module of this model; valid names: "
-            f"{list(PROJECTIONS)} (or {ALL_LINEAR!r}, or full names such as "
+            f"{list(MODULES)} (or {ALL_LINEAR!r}, or full names such as "
             f"{module_name(0, 'q_proj')!r})"
         )
 
@@ -140,14 +168,51 @@ def _check_targets(targets: str | tuple[str, ...], num_layers: int) -> None:
 def _check_patterns(
     rank_pattern: Mapping[str, int], alpha_pattern: Mapping[str, float], num_layers: int
 ) -> None:
-    names = [module_name(i, m) for i in range(num_layers) for m in PROJECTIONS]
+    names = _names(num_layers)
     for label, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         unmatched = [k for k in pattern if not any(_key_matches(k, n) for n in names)]
         if unmatched:
             raise ValueError(
-                f"LoRA: {label} keys {unmatched} match no module; valid names: {list(PROJECTIONS)}"
+                f"LoRA: {label} keys {unmatched} match no module; valid names: {list(MODULES)}"
                 f" (or suffixes of full names such as {module_name(0, 'q_proj')!r})"
             )
+
+
+def live_patterns(options: dict[str, Any], num_layers: int, source: str) -> dict[str, Any]:
+    """``options`` (``jpeft.LoRA`` keyword arguments read from ``source``) without dead keys.
+
+    A ``rank_pattern`` / ``alpha_pattern`` key that matches no *targeted* module does
+    nothing; peft warns about it and drops nothing, so files it wrote carry such keys.
+    They are dropped here with a ``UserWarning`` naming each (the adapter then gives
+    peft's outputs, and a config saved again omits them).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     kept = live_patterns({"targets": ("q_proj",), "layers_to_transform": None,
+        ...                           "rank_pattern": {"^q_proj": 2, "q_proj": 4}}, 2, "f.json")
+        >>> kept["rank_pattern"], str(caught[0].message)[:58]
+        ({'q_proj': 4}, "f.json: rank_pattern keys ['^q_proj'] match no targeted mo")
+    """
+    targeted = [
+        name
+        for module in MODULES
+        for i, name in _sites(module, num_layers)
+        if _targeted(options["targets"], options["layers_to_transform"], name, i)
+    ]
+    kept = dict(options)
+    for label in ("rank_pattern", "alpha_pattern"):
+        pattern = options.get(label, {})
+        dead = [k for k in pattern if not any(_key_matches(k, n) for n in targeted)]
+        if dead:
+            warnings.warn(
+                f"{source}: {label} keys {dead} match no targeted module; ignored, as peft "
+                "ignores them",
+                stacklevel=3,
+            )
+            kept[label] = {k: v for k, v in pattern.items() if k not in dead}
+    return kept
 
 
 def _key_matches(key: str, name: str) -> bool:

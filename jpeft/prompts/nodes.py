@@ -21,6 +21,7 @@ from jpeft.models.context import Context
 from jpeft.models.pytree import Params
 from jpeft.nodes import Node, node
 from jpeft.prompts import encoders
+from jpeft.prompts.named import NamedAdapters
 from jpeft.prompts.peft_io import TABLE
 
 
@@ -221,6 +222,11 @@ def entry_node(params: Params, entry: str, types: tuple[type, ...], owner: str) 
         ValueError: PromptTuning: params['prompt'] is int; expected ['SoftPrompt']
     """
     found = params.get(entry)
+    if isinstance(found, NamedAdapters):
+        raise ValueError(
+            f"{owner}: params[{entry!r}] holds named adapters {list(found.names)}; save one "
+            "with jpeft.prompts.named.save_adapter(out_dir, method, params, cfg, name)"
+        )
     if not isinstance(found, types):
         names = [t.__name__ for t in types]
         raise ValueError(f"{owner}: params[{entry!r}] is {type(found).__name__}; expected {names}")
