@@ -315,8 +315,18 @@ def unmerge(merged: Any, lora_params: Any) -> Any:
     must still be present. Restored bases are plain arrays in ``merged``'s dtype.
 
     Example:
-        >>> merged = jpeft.merge(params)                                 # doctest: +SKIP
-        >>> restored = jpeft.unmerge(merged, params)                      # doctest: +SKIP
+        >>> import jax, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> params = jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg)
+        >>> merged = jpeft.merge(params)
+        >>> restored = jpeft.unmerge(merged, params)
+        >>> float(jnp.abs(restored["layers"]["self_attn"]["q_proj"]["kernel"].base
+        ...               - base["layers"]["self_attn"]["q_proj"]["kernel"]).max()) < 1e-6
+        True
     """
 
     def restore(weight: Any, m: Any) -> Any:
