@@ -9,8 +9,8 @@ compiled program:
   bytes. A decode step that updates the cache in place aliases the whole cache and
   needs no cache-sized temporary.
 - the optimized HLO (:func:`cache_buffers`): every instruction outside fused
-  computations whose result is a cache-sized buffer (all layers, ``[L, B, S, K, D]``,
-  or one layer, ``[B, S, K, D]``), by opcode (a fusion by its root's opcode).
+  computations whose result is a cache-sized buffer (all layers, ``[L, B, K, S, D]``,
+  or one layer, ``[B, K, S, D]``), by opcode (a fusion by its root's opcode).
   ``dynamic-update-slice`` writes the new token into the cache in place; anything
   else (``copy``, ``broadcast``, a loop fusion) moves the cache (:func:`cache_copies`).
 
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from common import config_from, model_parser
 from deviceless import abstract, compile_on, gpu_target_available, target_mesh
 
+import jpeft
 from jpeft.models import generate as gen
 from jpeft.models import llama
 from jpeft.models.cache import KVCache
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--loop-steps", type=int, default=4, help="decode steps in the loop row")
+    parser.add_argument(
+        "--prefix-tokens", type=int, default=0, help="decode with prefix tuning (virtual tokens)"
+    )
     return parser.parse_args(argv)
 
 
@@ -86,10 +90,11 @@ def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
     r"""What writes each cache-sized buffer of the optimized HLO, with counts.
 
     Counts the unfused instructions (and fusions) whose result holds an array of the
-    cache's shape (all layers, ``[L, B, S, K, D]``) or of one layer (``[B, S, K, D]``),
-    keyed ``"<opcode> (all layers|one layer)"``. A fusion is named by the opcode of its
-    fused root, so the key does not depend on the backend's fusion names. Instructions
-    that only name a buffer (parameters, tuples, bitcasts, loops) are left out.
+    cache's shape (all layers, ``[L, B, K, S, D]``) or of one layer (``[B, K, S, D]``)
+    with its axes in any order (a transpose) and at least ``S`` slots (a concatenation
+    with prefix keys), keyed ``"<opcode> (all layers|one layer)"``. A fusion is named by
+    the opcode of its fused root, so the key does not depend on the backend's fusion
+    names. Instructions that only name a buffer (parameters, tuples, bitcasts, loops) are left out.
 
     Example:
         >>> from jpeft.models.config import LlamaConfig
@@ -100,8 +105,6 @@ def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
         >>> dict(cache_buffers(hlo, KVCache.create(cfg, batch_size=1, max_len=3)))
         {'copy (all layers)': 1}
     """
-    whole = tuple(cache.k.shape)
-    sizes = {whole: "all layers", whole[1:]: "one layer"}
     roots = _roots(hlo)
     counts: collections.Counter[str] = collections.Counter()
     fused = False
@@ -117,10 +120,23 @@ def cache_buffers(hlo: str, cache: KVCache) -> collections.Counter[str]:
             called = re.search(r"calls=%([\w.-]+)", line)
             opcode = roots.get(called.group(1), "fusion") if called else opcode
         for dims in _ARRAY.findall(match.group(1)):
-            shape = tuple(int(d) for d in dims.split(",") if d)
-            if shape in sizes:
-                counts[f"{opcode} ({sizes[shape]})"] += 1
+            extent = cache_extent(tuple(int(d) for d in dims.split(",") if d), cache)
+            if extent:
+                counts[f"{opcode} ({extent})"] += 1
     return counts
+
+
+def cache_extent(shape: tuple[int, ...], cache: KVCache) -> str | None:
+    """ "all layers" or "one layer" when ``shape`` holds that much of the cache (see
+    :func:`cache_buffers`), else None."""
+    whole = tuple(cache.k.shape)
+    for target, name in ((whole, "all layers"), (whole[1:], "one layer")):
+        for i, n in enumerate(shape if len(shape) == len(target) else ()):
+            if n >= cache.max_len and sorted(
+                (*shape[:i], cache.max_len, *shape[i + 1 :])
+            ) == sorted(target):
+                return name
+    return None
 
 
 def cache_copies(counts: collections.Counter[str]) -> collections.Counter[str]:
@@ -167,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     ctx = Context(dtype)
     mesh = target_mesh()
     params = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), cfg, dtype))
+    if args.prefix_tokens:
+        # Without the reparameterization MLP: the same prefix keys/values at decode time.
+        prefix = jpeft.PrefixTuning(num_virtual_tokens=args.prefix_tokens, prefix_projection=False)
+        params = jax.eval_shape(lambda: prefix.init(jax.random.key(1), params, cfg))
     params = abstract(params, mesh)
     empty = jax.eval_shape(lambda: KVCache.create(cfg, args.batch, args.seq, dtype))
     # A cache that already went through prefill: the decode loop's state.
@@ -195,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"`{shlex.join(['python', *sys.argv])}`\n")
     print(
         f"{target}: {args.layers} layers, hidden {args.hidden}, batch {args.batch}, "
-        f"{args.seq} cache slots, {args.dtype}; weights {_size(weights)}, "
+        f"{args.seq} cache slots, {args.dtype}, {args.prefix_tokens} prefix tokens; "
+        f"weights {_size(weights)}, "
         f"KV cache (k + v) {_size(cache_bytes)}\n"
     )
     columns = list(next(iter(rows.values())))

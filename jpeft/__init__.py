@@ -2,9 +2,11 @@
 
 from jpeft import assets
 from jpeft.adapters import Adapter, LlamaAdapter
+from jpeft.arithmetic import add_weighted_adapter, delete_adapter
 from jpeft.hf_adapter import load_hf_adapter, save_hf_adapter
 from jpeft.lora import LoRA, unmerge
 from jpeft.method import Method
+from jpeft.models.selection import check_adapter_ids, unload
 from jpeft.nodes import Node, Trained, is_node, node
 from jpeft.partition import combine, merge, nbytes, split
 from jpeft.plugins import register_builtins
@@ -26,8 +28,11 @@ __all__ = [
     "PromptTuning",
     "QLoRA",
     "Trained",
+    "add_weighted_adapter",
     "assets",
+    "check_adapter_ids",
     "combine",
+    "delete_adapter",
     "is_node",
     "load_hf_adapter",
     "merge",
@@ -35,5 +40,6 @@ __all__ = [
     "node",
     "save_hf_adapter",
     "split",
+    "unload",
     "unmerge",
 ]

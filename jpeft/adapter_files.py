@@ -174,9 +174,15 @@ def read_adapter_dir(
             safetensors file; a tensor that is not floating point, or not finite.
 
     Example:
-        >>> config, tensors = read_adapter_dir("my-adapter")  # doctest: +SKIP
-        >>> config.require("peft_type", str)  # doctest: +SKIP
-        'LORA'
+        >>> import jax, tempfile, jpeft
+        >>> from jpeft.models import hf
+        >>> cfg, params = hf.load_pretrained("assets/tiny-llama")
+        >>> method = jpeft.LoRA(r=2)
+        >>> out = tempfile.mkdtemp()
+        >>> jpeft.save_hf_adapter(out, method, method.init(jax.random.key(0), params, cfg), cfg)
+        >>> config, tensors = read_adapter_dir(out)
+        >>> config.require("peft_type", str), len(tensors.tensors) > 0
+        ('LORA', True)
     """
     adapter_dir = os.fspath(adapter_dir)
     config_path = os.path.join(adapter_dir, CONFIG_NAME)

@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from jpeft.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
 from jpeft.method import Method, method_for
+from jpeft.model_card import write_model_card
 from jpeft.models.atomic import atomic_path, write_json
 from jpeft.models.config import LlamaConfig
 from jpeft.models.files import read_json
@@ -33,9 +34,20 @@ def save_hf_adapter(
     ``base_model_name_or_path`` defaults to the directory ``cfg`` was read from
     (``cfg.name_or_path``); a local directory is recorded as an absolute path, so
     ``AutoPeftModelForCausalLM.from_pretrained(out_dir)`` finds the base from anywhere.
+    A model card (``README.md``, :func:`jpeft.model_card.write_model_card`) names it too.
 
     Example:
-        >>> jpeft.save_hf_adapter("out/adapter", method, params, cfg)   # doctest: +SKIP
+        >>> import tempfile, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> method = jpeft.LoRA(r=2)
+        >>> out = tempfile.mkdtemp()
+        >>> jpeft.save_hf_adapter(out, method, method.init(jax.random.key(0), base, cfg), cfg)
+        >>> sorted(os.listdir(out))  # peft's two files, a model card, the base's quantization
+        ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'jpeft_base.json']
         >>> # PeftModel.from_pretrained(hf_model, "out/adapter") now gives the same logits
     """
     out_dir = os.fspath(out_dir)
@@ -55,6 +67,7 @@ def save_hf_adapter(
         save_file(tensors, tmp, metadata={"format": "pt"})
     write_json(os.path.join(out_dir, CONFIG_NAME), config)
     write_json(os.path.join(out_dir, BASE_NAME), {"quantization": _quantization(params)})
+    write_model_card(out_dir, base_model_name_or_path, config["peft_type"])
 
 
 def _quantization(params: Params) -> dict[str, Any] | None:
@@ -97,7 +110,18 @@ def load_hf_adapter(
     ``allow_nonfinite``): see :func:`jpeft.models.safetensors_io.read_weights`.
 
     Example:
-        >>> method, params = jpeft.load_hf_adapter("my-adapter", params, cfg)  # doctest: +SKIP
+        >>> import tempfile, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> out = tempfile.mkdtemp()
+        >>> trained = jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg)
+        >>> jpeft.save_hf_adapter(out, jpeft.LoRA(r=2), trained, cfg)
+        >>> method, params = jpeft.load_hf_adapter(out, base, cfg)
+        >>> method.r, params["layers"]["self_attn"]["q_proj"]["kernel"].names
+        (2, ('default',))
     """
     config, tensors = read_adapter_dir(adapter_dir, allow_nonfinite)
     method = method_for(config.require("peft_type", str))

@@ -1,13 +1,14 @@
 """Self-attention behind one option: ``attention_impl`` = auto | xla | cudnn | pallas.
 
-A decoder layer calls :func:`attend` with its rotated queries, keys and values and
-one of two masks:
+A decoder layer calls one of two functions with its rotated queries, keys and values:
 
-- a :class:`CausalMask` (training, evaluation, a forward pass without a KV cache):
-  token-level ``valid [B, T]`` and optional ``segment_ids [B, T]``. Key ``j`` is visible
-  to query ``i`` when ``j <= i``, key ``j`` is valid and, in packed rows, both are in
-  the same segment. Only this form can run fused.
-- a dense boolean ``[B, T, S]`` array (decoding with a KV cache): always XLA.
+- :func:`attend` under a :class:`CausalMask` (training, evaluation, a forward pass
+  without a KV cache): token-level ``valid [B, T]`` and optional ``segment_ids [B, T]``.
+  Key ``j`` is visible to query ``i`` when ``j <= i``, key ``j`` is valid and, in packed
+  rows, both are in the same segment. Runs fused or through XLA (the table below).
+- :func:`cached_attention` under a dense boolean ``[B, T, S]`` mask (decoding with a
+  KV cache): XLA, reading each layer's keys and values in the cache's heads-major
+  layout, with no copy of them.
 
 Prefix keys/values (prefix tuning, P-tuning v2) are visible to every query. Soft
 prompts are ordinary tokens of the row; LLaMA-Adapter's gated prompt attention is a
@@ -15,7 +16,7 @@ separate small softmax (:func:`jpeft.models.hooks.adaption_output`) next to this
 
 ==========  ==============================================================================
 ``xla``     ``jax.nn.dot_product_attention(implementation="xla")`` under a dense mask:
-            materialises ``[B, H, T, S]`` scores. The reference; CPU; KV-cache decoding.
+            materialises ``[B, H, T, S]`` scores. The reference; CPU.
 ``cudnn``   cuDNN flash attention (``is_causal`` with sequence lengths; GPU, bf16/fp16).
             Each row's valid tokens are first moved to its front (a stable gather), so
             left padding and soft prompts before padding are exact too; prefixes enter
@@ -24,7 +25,7 @@ separate small softmax (:func:`jpeft.models.hooks.adaption_output`) next to this
             on TPU, interpret mode elsewhere) with segment ids: padding, packing, GQA;
             prefixes as a second small attention merged by log-sum-exp (:func:`merge`).
 ``auto``    decided when lowering, per platform (``jax.lax.platform_dependent``):
-            pallas on GPU and TPU, xla on CPU; xla whenever the mask is dense.
+            pallas on GPU and TPU, xla on CPU.
 ==========  ==============================================================================
 """
 
@@ -65,7 +66,7 @@ class CausalMask(NamedTuple):
         return allowed
 
 
-Mask = CausalMask | jax.Array
+Mask = CausalMask | jax.Array  # a dense boolean [B, T, S] one when decoding with a cache
 Prefix = tuple[jax.Array, jax.Array]
 
 
@@ -85,18 +86,17 @@ def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: Mask,
+    mask: CausalMask,
     *,
     prefix: Prefix | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
-    """Scaled dot-product attention ``[B, T, H, D]`` of queries over keys.
+    """Causal scaled dot-product attention ``[B, T, H, D]`` of queries over their keys.
 
     Args:
         q: ``[B, T, H, D]`` rotated queries.
-        k, v: ``[B, S, K, D]`` keys and values (GQA: ``H`` a multiple of ``K``); ``S = T``
-            for a :class:`CausalMask`, the cache length for a dense mask.
-        mask: a :class:`CausalMask`, or a boolean ``[B, T, S]`` array (then XLA).
+        k, v: ``[B, T, K, D]`` keys and values (GQA: ``H`` a multiple of ``K``).
+        mask: which keys each query sees (:class:`CausalMask`).
         prefix: ``(keys, values)``, each ``[B, P, K, D]``, visible to every query.
         implementation: one of :data:`IMPLEMENTATIONS` (see the module docstring).
 
@@ -111,8 +111,6 @@ def attend(
     """
     check_implementation(implementation)
     scale = q.shape[-1] ** -0.5
-    if not isinstance(mask, CausalMask):
-        return _xla(q, k, v, mask, prefix, scale)
     if implementation == "xla":
         return _xla(q, k, v, mask.dense(), prefix, scale)
     if implementation == "cudnn":
@@ -138,6 +136,56 @@ def _xla(q, k, v, mask, prefix, scale):
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask[:, None], scale=scale, implementation="xla"
     )
+
+
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    prefix: Prefix | None = None,
+) -> jax.Array:
+    """Attention ``[B, T, H, D]`` of new queries over a layer of the KV cache (XLA).
+
+    The keys and values come heads-major, as :class:`jpeft.models.cache.KVCache` stores
+    them, and the queries are grouped ``[B, T, K, G, D]`` (``G = H / K``), so both dots
+    (``q k^T`` and ``p v``) have the batch and key/value-head axes leading on the cache
+    side: XLA's GPU compiler reads the cache as it lies instead of transposing it (into
+    ``[B, K, D, S]``) every step. Scores and softmax in fp32 (as
+    ``jax.nn.dot_product_attention``); masked slots get the dtype's lowest value.
+    Prefix keys (prefix tuning, P-tuning v2) are a second attention merged by
+    log-sum-exp (:func:`prefix_attention`, :func:`merge`), not concatenated to the
+    cache, which would copy the layer's keys and values every step.
+
+    Args:
+        q: ``[B, T, H, D]`` rotated queries of the new tokens.
+        k, v: ``[B, K, S, D]`` one layer of the cache (``S`` slots, ``H`` a multiple of ``K``).
+        mask: boolean ``[B, T, S]``, True where a query sees a slot.
+        prefix: ``(keys, values)``, each ``[B, P, K, D]``, visible to every query.
+
+    Example:
+        >>> q = jnp.ones((1, 1, 2, 4)); kv = jnp.ones((1, 1, 3, 4))
+        >>> out = cached_attention(q, kv, kv, jnp.array([[[True, True, False]]]))
+        >>> out.shape, out.dtype
+        ((1, 1, 2, 4), dtype('float32'))
+    """
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.reshape(b, t, kv_heads, heads // kv_heads, d)
+    if prefix is not None:
+        # Else XLA merges the two dots of q (DotMerger) by concatenating the cache's
+        # keys after the prefix keys: a copy of the layer's keys every step.
+        grouped = jax.lax.optimization_barrier(grouped)
+    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * d**-0.5, jnp.finfo(jnp.float32).min)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None]).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, heads, d)
+    if prefix is None:
+        return out.astype(q.dtype)
+    lse = lse.transpose(0, 3, 1, 2).reshape(b, t, heads)
+    return merge(out, lse, *prefix_attention(q, *prefix)).astype(q.dtype)
 
 
 def _pallas(q, k, v, mask: CausalMask, prefix, backend: str, interpret: bool) -> jax.Array:

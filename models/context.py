@@ -23,6 +23,10 @@ class Context:
         rng: dropout key, or None when deterministic.
         adapter_ids: int32 ``[B]``: which named adapter each row uses (-1: none).
         task_ids: int32 ``[B]``: which task prompt each row uses.
+        disable_adapters: run the base model alone (every adapter ignored), as peft's
+            ``with model.disable_adapter():`` (:func:`jpeft.models.selection.for_call`).
+
+    A float16 ``dtype`` on CPU becomes float32 (:func:`runnable_dtype`).
 
     Example:
         >>> ctx = Context(jnp.float32, rng=jax.random.key(0)).for_layer(3)
@@ -34,6 +38,10 @@ class Context:
     rng: jax.Array | None = None
     adapter_ids: jax.Array | None = None
     task_ids: jax.Array | None = None
+    disable_adapters: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", runnable_dtype(self.dtype))
 
     @property
     def deterministic(self) -> bool:
@@ -65,4 +73,23 @@ def compute_dtype(dtype: str | jnp.dtype | None = None) -> jnp.dtype:
     """
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    return jnp.dtype(dtype)
+    return runnable_dtype(dtype)
+
+
+def runnable_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    """``dtype``, except float16 on CPU, which becomes float32.
+
+    XLA's CPU dot has no float16 kernel accumulating in float32 (it fails with "The
+    precision 'F16_F16_F32' is not supported by dot_general on CPU"), so float16 params
+    compute in float32 there: the answer is the float32 one (transformers computes
+    float16 on CPU in float16, which rounds more). bfloat16 runs as it is.
+
+    Example:
+        >>> runnable_dtype("float16") == (jnp.float32 if jax.default_backend() == "cpu"
+        ...                               else jnp.float16)
+        True
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float16 and jax.default_backend() == "cpu":
+        return jnp.dtype(jnp.float32)
+    return dtype

@@ -42,6 +42,7 @@ from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context, compute_dtype
 from jpeft.models.pytree import Params
+from jpeft.models.selection import check_adapter_ids
 from jpeft.nodes import is_node
 from jpeft.partition import nbytes
 
@@ -251,7 +252,8 @@ def generate(
             holds a merged copy of each adapted weight besides the stored params).
 
     Raises:
-        ValueError: a shape, a row without any valid token, or a setting out of range.
+        ValueError: a shape, a row without any valid token, a setting or an adapter id
+            out of range.
 
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -267,6 +269,8 @@ def generate(
     b, t = input_ids.shape
     mask = np.ones((b, t), np.int32) if attention_mask is None else np.asarray(attention_mask)
     _check_inputs(input_ids, mask, adapter_ids, task_ids)
+    if adapter_ids is not None:
+        check_adapter_ids(params, adapter_ids)
     _check_settings(max_new_tokens, temperature, top_p, top_k, rng)
     stops = cfg.eos_ids if stop_tokens is None else tuple(int(s) for s in stop_tokens)
     if pad_token_id is None:

@@ -93,13 +93,39 @@ class ParamNode:
         """A sub-layer's output ``h [B, T, hidden]`` transformed (nodes at ``layers/adapter_*``)."""
         raise TypeError(f"{type(self).__name__} cannot stand at layers/{name}")
 
-    def adaption_output(self, q: jax.Array, attn: dict[str, Any], ctx: Context) -> jax.Array | None:
+    def adaption_output(
+        self, q: jax.Array, rope: tuple[jax.Array, jax.Array], attn: dict[str, Any], ctx: Context
+    ) -> jax.Array | None:
         """What one layer adds after ``o_proj`` ``[B, T, hidden]`` (``per_layer`` nodes), or None.
 
-        ``q [B, T, heads, head_dim]`` are the layer's rotated queries, ``attn`` its
-        attention params; ``self`` is this layer's slice of the node.
+        ``q [B, T, heads, head_dim]`` are the layer's queries *before* RoPE and ``rope``
+        its ``(cos, sin)`` tables ``[B, T, head_dim]``: a node rotates them itself
+        (:func:`jpeft.models.rope.apply_rotary_apart`), so XLA compiles the layer's own
+        attention exactly as without the node. ``attn`` are the layer's attention params;
+        ``self`` is this layer's slice of the node.
         """
         return None
+
+    def unloaded(self) -> Any:
+        """What stands here once the PEFT adapters are removed (:func:`jpeft.unload`).
+
+        Asked of nodes at a base leaf's place only (entries a method added are dropped
+        whole). A weight node that wraps a base (LoRA) returns that base; a node that is
+        the base (an NF4 weight) returns itself. The default refuses: a node that
+        replaced its tensor without keeping it cannot give the base back.
+        """
+        raise TypeError(
+            f"{type(self).__name__} replaced a base tensor and keeps no copy of it: "
+            "its params cannot give the base model back (unload / disable_adapters)"
+        )
+
+    def adapter_indices(self) -> tuple[int, ...]:
+        """The indices of the named adapters on this node (what ``ctx.adapter_ids`` selects).
+
+        A node that reads ``ctx.adapter_ids`` declares them: concrete ids are checked
+        against the largest index any node declares (:mod:`jpeft.models.selection`).
+        """
+        return ()
 
 
 def _not_a_node(hook: str, value: Any) -> TypeError:
@@ -137,11 +163,11 @@ def adapter_output(node: Any, h: jax.Array, ctx: Context, name: str) -> jax.Arra
 
 @functools.singledispatch
 def adaption_output(
-    node: Any, q: jax.Array, attn: dict[str, Any], ctx: Context
+    node: Any, q: jax.Array, rope: tuple[jax.Array, jax.Array], attn: dict[str, Any], ctx: Context
 ) -> jax.Array | None:
     """What a ``per_layer`` node adds after ``o_proj`` in one layer ``[B, T, hidden]``, or None."""
     if isinstance(node, ParamNode):
-        return node.adaption_output(q, attn, ctx)
+        return node.adaption_output(q, rope, attn, ctx)
     raise _not_a_node("adaption_output", node)
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models import hooks
-from jpeft.models.attention import Mask, attend
+from jpeft.models.attention import Mask, attend, cached_attention
 from jpeft.models.cache import write_layer
 from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
@@ -45,11 +45,12 @@ def self_attention(
     kv: dict[str, Any],
     attention_impl: str,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """GQA self-attention for ``x [B, T, hidden]`` (see :func:`jpeft.models.attention.attend`).
+    """GQA self-attention for ``x [B, T, hidden]`` (:func:`jpeft.models.attention.attend`,
+    or :func:`jpeft.models.attention.cached_attention` with a cache).
 
     ``mask`` is a :class:`jpeft.models.attention.CausalMask`, or a boolean ``[B, T, S]``
     array when decoding. ``kv`` carries this layer's optional extras:
-    ``cache`` (decoding: the stacked keys and values ``[L, B, S, K, D]`` of every
+    ``cache`` (decoding: the stacked keys and values ``[L, B, K, S, D]`` of every
     layer), with this layer's index ``layer`` and the write position ``length``,
     ``prefix_k/prefix_v`` (keys/values every query sees), and ``nodes`` (this layer's
     slice of every ``per_layer`` PEFT node, each asked for its
@@ -62,20 +63,23 @@ def self_attention(
     q = linear(p["q_proj"], x, ctx, "q_proj").reshape(b, t, heads, d)
     k = linear(p["k_proj"], x, ctx, "k_proj").reshape(b, t, kv_heads, d)
     v = linear(p["v_proj"], x, ctx, "v_proj").reshape(b, t, kv_heads, d)
+    queries = q  # before RoPE, for the nodes' adaption outputs
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
     cache = None
+    prefix = (kv["prefix_k"], kv["prefix_v"]) if "prefix_k" in kv else None
     if "cache" in kv:
         (cache_k, cache_v), layer, length = kv["cache"], kv["layer"], kv["length"]
         cache_k, k = write_layer(cache_k, layer, length, k)
         cache_v, v = write_layer(cache_v, layer, length, v)
         cache = (cache_k, cache_v)
         k, v = k.astype(ctx.dtype), v.astype(ctx.dtype)
-    prefix = (kv["prefix_k"], kv["prefix_v"]) if "prefix_k" in kv else None
-    out = attend(q, k, v, mask, prefix=prefix, implementation=attention_impl)
+        out = cached_attention(q, k, v, mask, prefix=prefix)
+    else:
+        out = attend(q, k, v, mask, prefix=prefix, implementation=attention_impl)
     out = linear(p["o_proj"], out.reshape(b, t, heads * d), ctx, "o_proj")
     for layer_node in kv.get("nodes", {}).values():
-        added = hooks.adaption_output(layer_node, q, p, ctx)
+        added = hooks.adaption_output(layer_node, queries, rope, p, ctx)
         if added is not None:
             out = out + added.astype(out.dtype)
     return out, cache

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jpeft.models import hooks, param_spec
+from jpeft.models import hooks, param_spec, selection
 from jpeft.models.attention import CausalMask, check_implementation
 from jpeft.models.cache import KVCache
 from jpeft.models.config import LlamaConfig
@@ -69,8 +69,9 @@ DEFAULT_REMAT = "proj_attn_offload"
 def forward(
     params: Params,
     cfg: LlamaConfig,
-    input_ids: jax.Array,
+    input_ids: jax.Array | None = None,
     *,
+    inputs_embeds: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     position_ids: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
@@ -80,16 +81,21 @@ def forward(
     attention_impl: str = "auto",
     return_hidden: bool = False,
 ) -> jax.Array | tuple[jax.Array, KVCache]:
-    """Logits ``[B, T, vocab]`` aligned with ``input_ids [B, T]``.
+    """Logits ``[B, T, vocab]`` aligned with ``input_ids [B, T]`` (or ``inputs_embeds``).
 
     Args:
+        inputs_embeds: float ``[B, T, hidden]`` input embeddings instead of ``input_ids``
+            (exactly one of the two), as transformers' ``inputs_embeds=``; soft prompts
+            are still prepended to them.
         attention_mask: int ``[B, T]``, 0 marks padding (left or right).
         position_ids: explicit RoPE positions of the real tokens; by default each
             token's position is the number of valid tokens before it.
         segment_ids: int ``[B, T]`` for packed rows: tokens attend only within their
             segment (0 = padding). Pass ``position_ids`` restarting per segment too.
         cache: a :class:`KVCache`; when given, returns ``(logits, new_cache)``.
-        ctx: compute dtype, dropout key and per-row adapter/task ids.
+        ctx: compute dtype, dropout key, per-row adapter/task ids, and
+            ``disable_adapters`` (:func:`jpeft.models.selection.for_call`: concrete
+            adapter ids out of range raise ``ValueError``).
         remat: what each layer saves for the backward pass, a key of
             :data:`REMAT_POLICIES` (``"none"`` saves everything).
         attention_impl: ``"auto"``, ``"xla"``, ``"cudnn"`` or ``"pallas"``
@@ -108,10 +114,11 @@ def forward(
         raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     check_implementation(attention_impl)
     ctx = ctx or Context()
-    b, t = input_ids.shape
+    params = selection.for_call(params, ctx)
+    x = embed(params, cfg, input_ids, inputs_embeds, ctx).astype(ctx.dtype)
+    b, t = x.shape[:2]
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
     mask = mask.astype(jnp.int32)
-    x = lookup(params["embed_tokens"]["embedding"], input_ids, ctx).astype(ctx.dtype)
     peft = hooks.method_inputs(params, b, ctx, prefill=cache is None or not cache.started)
     x, mask, position_ids, n_prompt = _prepend_prompt(
         peft.prompt, x, mask, position_ids, segment_ids
@@ -151,6 +158,37 @@ def forward(
         started=True,
     )
     return logits, new_cache
+
+
+def embed(
+    params: Params,
+    cfg: LlamaConfig,
+    input_ids: jax.Array | None,
+    inputs_embeds: jax.Array | None,
+    ctx: Context,
+) -> jax.Array:
+    """Input embeddings ``[B, T, hidden]``: looked up from ``input_ids [B, T]``, or given.
+
+    Raises ``ValueError`` unless exactly one of the two is given, or for
+    ``inputs_embeds`` not of shape ``[B, T, hidden]``.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=3, hidden_size=3, intermediate_size=4,
+        ...                   num_hidden_layers=1, num_attention_heads=1)
+        >>> params = {"embed_tokens": {"embedding": jnp.eye(3)}}
+        >>> embed(params, cfg, jnp.array([[2, 0]]), None, Context()).tolist()
+        [[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]]
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("forward: pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        return lookup(params["embed_tokens"]["embedding"], input_ids, ctx)
+    hidden = cfg.hidden_size
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden:
+        raise ValueError(
+            f"inputs_embeds: expected shape [B, T, {hidden}], found {tuple(inputs_embeds.shape)}"
+        )
+    return inputs_embeds
 
 
 def _prepend_prompt(
@@ -260,6 +298,11 @@ class Llama(nn.Module):
     final hidden states; :meth:`logits` maps them to logits (the chunked loss of
     :func:`jpeft.train.train_step` uses both).
 
+    A call takes ``input_ids [B, T]`` or ``inputs_embeds=[B, T, hidden]``;
+    ``adapter_ids=[B]`` picks a named adapter per row (-1: none; concrete ids out of
+    range raise ``ValueError``, see :mod:`jpeft.models.selection` for jit);
+    ``disable_adapters=True`` runs the base model alone, as peft's ``disable_adapter()``.
+
     Example:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                   num_hidden_layers=2, num_attention_heads=2)
@@ -282,7 +325,7 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(
         self,
-        input_ids: jax.Array,
+        input_ids: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
@@ -291,16 +334,19 @@ class Llama(nn.Module):
         task_ids: jax.Array | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
+        inputs_embeds: jax.Array | None = None,
+        disable_adapters: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         if self.is_initializing():
             base = init_params(self.make_rng("params"), self.cfg, self.param_dtype)
             for name, value in base.items():
                 self.param(name, lambda _, v=value: v)
-        ctx = self._context(adapter_ids, task_ids, deterministic)
+        ctx = self._context(adapter_ids, task_ids, deterministic, disable_adapters)
         return forward(
             self.variables["params"],
             self.cfg,
             input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             segment_ids=segment_ids,
@@ -317,16 +363,28 @@ class Llama(nn.Module):
         adapter_ids: jax.Array | None = None,
         task_ids: jax.Array | None = None,
         deterministic: bool = True,
+        disable_adapters: bool = False,
     ) -> jax.Array:
         """:func:`lm_head` of hidden states ``[B, T, hidden]`` from ``return_hidden=True``.
 
         Call it as ``model.apply(variables, hidden, method="logits")``.
         """
-        ctx = self._context(adapter_ids, task_ids, deterministic)
-        return lm_head(self.variables["params"], self.cfg, hidden, ctx)
+        ctx = self._context(adapter_ids, task_ids, deterministic, disable_adapters)
+        params = selection.for_call(self.variables["params"], ctx)
+        return lm_head(params, self.cfg, hidden, ctx)
 
     def _context(
-        self, adapter_ids: jax.Array | None, task_ids: jax.Array | None, deterministic: bool
+        self,
+        adapter_ids: jax.Array | None,
+        task_ids: jax.Array | None,
+        deterministic: bool,
+        disable_adapters: bool,
     ) -> Context:
         rng = None if deterministic else self.make_rng("dropout")
-        return Context(self.dtype, rng=rng, adapter_ids=adapter_ids, task_ids=task_ids)
+        return Context(
+            self.dtype,
+            rng=rng,
+            adapter_ids=adapter_ids,
+            task_ids=task_ids,
+            disable_adapters=disable_adapters,
+        )

@@ -264,6 +264,9 @@ class RowGain(Node):
     base: jax.Array
     gain: jax.Array
 
+    def adapter_indices(self) -> tuple[int, ...]:
+        return tuple(range(self.gain.shape[-1]))  # what ids are checked against
+
 
 @matmul.register(RowGain)
 def _row_gain(w: RowGain, x: jax.Array, ctx: Context, name: str) -> jax.Array:

@@ -26,6 +26,7 @@ from jpeft.models.config import LlamaConfig
 from jpeft.models.context import Context
 from jpeft.models.linear import linear
 from jpeft.models.pytree import Params
+from jpeft.models.rope import apply_rotary_apart
 from jpeft.nodes import Node, layer_mask, masked_layers, node
 
 
@@ -43,8 +44,15 @@ class AdaptionPrompt(Node):
 
     per_layer: ClassVar[bool] = True
 
-    def adaption_output(self, q: jax.Array, attn: dict[str, Any], ctx: Context) -> jax.Array:
-        """The gated prompt attention of one layer (``self`` holds that layer's slice)."""
+    def adaption_output(
+        self, q: jax.Array, rope: tuple[jax.Array, jax.Array], attn: dict[str, Any], ctx: Context
+    ) -> jax.Array:
+        """The gated prompt attention of one layer (``self`` holds that layer's slice).
+
+        ``q`` are the layer's queries before RoPE; they are rotated here apart from the
+        attention's own rotation, so a zero gate gives the base model bit for bit.
+        """
+        q = apply_rotary_apart(q, *rope)
         b, t, heads, d = q.shape
         prompt = self.prompt.astype(ctx.dtype)  # [adapter_len, hidden] inside the scan
         k = linear(attn["k_proj"], prompt, ctx, "k_proj").reshape(prompt.shape[0], -1, d)

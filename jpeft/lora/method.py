@@ -57,8 +57,16 @@ class LoRA(Method):
 
     Example:
         >>> method = LoRA(r=16, alpha=32, dropout=0.05, targets=("q_proj", "v_proj"))
-        >>> params = method.init(jax.random.key(0), params, cfg)         # doctest: +SKIP
-        >>> trainable, frozen = jpeft.split(params)                      # doctest: +SKIP
+        >>> import jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> trainable, frozen = jpeft.split(params)
+        >>> trainable["layers"]["self_attn"]["q_proj"]["kernel"].adapters[0].a.shape  # [L, in, r]
+        (2, 16, 16)
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -286,8 +294,20 @@ def load_adapter(
     ``allow_nonfinite``.
 
     Example:
-        >>> _, params = load_adapter("adapters/a", params, cfg, "a")      # doctest: +SKIP
-        >>> _, params = load_adapter("adapters/b", params, cfg, "b")      # doctest: +SKIP
+        >>> import tempfile, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> dirs = {name: tempfile.mkdtemp() for name in "ab"}
+        >>> for seed, (name, path) in enumerate(dirs.items()):
+        ...     trained = LoRA(r=2).init(jax.random.key(seed), base, cfg)
+        ...     jpeft.save_hf_adapter(path, LoRA(r=2), trained, cfg)
+        >>> _, params = load_adapter(dirs["a"], base, cfg, "a")
+        >>> _, params = load_adapter(dirs["b"], params, cfg, "b")
+        >>> params["layers"]["self_attn"]["q_proj"]["kernel"].names
+        ('a', 'b')
     """
     config, tensors = read_adapter_dir(adapter_dir, allow_nonfinite)
     peft_type = config.require("peft_type", str)

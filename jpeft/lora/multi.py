@@ -34,7 +34,14 @@ def adapter_names(params: Params) -> tuple[str, ...]:
     """The names of the adapters in ``params``, by index.
 
     Example:
-        >>> adapter_names(LoRA(adapter_name="a").init(key, params, cfg))  # doctest: +SKIP
+        >>> import jax, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.lora import LoRA
+        >>> adapter_names(LoRA(adapter_name="a").init(jax.random.key(0), base, cfg))
         ('a',)
     """
     by_index: dict[int, str] = {}
@@ -51,8 +58,21 @@ def adapter_ids(params: Params, names: Sequence[str]) -> jax.Array:
     """Per-row adapter indices for ``ctx.adapter_ids`` from names (``"__base__"``: no adapter).
 
     Example:
-        >>> ids = adapter_ids(params, ["a", "__base__", "b"])            # doctest: +SKIP
-        >>> logits = model.apply({"params": params}, tokens, adapter_ids=ids)  # doctest: +SKIP
+        >>> import jax, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.lora import LoRA
+        >>> params = LoRA(adapter_name="a").init(jax.random.key(0), base, cfg)
+        >>> params = LoRA(adapter_name="b").init(jax.random.key(1), params, cfg)
+        >>> ids = adapter_ids(params, ["a", "__base__", "b"])
+        >>> ids.tolist()  # -1: the base model
+        [0, -1, 1]
+        >>> llama.Llama(cfg).apply({"params": params}, jnp.zeros((3, 4), jnp.int32),
+        ...                        adapter_ids=ids).shape
+        (3, 4, 32)
     """
     known = adapter_names(params)
     unknown = sorted({n for n in names if n != BASE and n not in known})
@@ -67,7 +87,18 @@ def set_adapter(params: Params, names: str | Sequence[str]) -> Params:
     """Make ``names`` the active adapters (applied by default, trainable); freeze the others.
 
     Example:
-        >>> params = set_adapter(params, "a")                             # doctest: +SKIP
+        >>> import jax, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.lora import LoRA
+        >>> params = LoRA(adapter_name="a").init(jax.random.key(0), base, cfg)
+        >>> params = LoRA(adapter_name="b").init(jax.random.key(1), params, cfg)
+        >>> params = set_adapter(params, "a")
+        >>> [type(a).__name__ for a in params["layers"]["self_attn"]["q_proj"]["kernel"].adapters]
+        ['LoRAAdapter', 'InactiveLoRAAdapter']
     """
     names = (names,) if isinstance(names, str) else tuple(names)
     known = adapter_names(params)
@@ -91,7 +122,10 @@ def add_adapter(kernel: Any, adapter: LoRAAdapter) -> LoRAWeight:
     """``kernel`` (a weight node, possibly a :class:`LoRAWeight`) with ``adapter`` added.
 
     Example:
-        >>> add_adapter(jnp.zeros((2, 4, 4)), adapter).names             # doctest: +SKIP
+        >>> a, b = jnp.zeros((2, 4, 2)), jnp.zeros((2, 2, 4))
+        >>> adapter = LoRAAdapter(a=a, b=b, scaling=jnp.float32(1), magnitude=None,
+        ...                       name="default", index=0, dropout=0.0)
+        >>> add_adapter(jnp.zeros((2, 4, 4)), adapter).names
         ('default',)
     """
     if not isinstance(kernel, LoRAWeight):

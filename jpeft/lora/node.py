@@ -182,6 +182,14 @@ class LoRAWeight(Node):
         )
         return LoRAWeight(self.base, adapters), delta
 
+    def unloaded(self) -> Any:
+        """The base this node wraps, itself unloaded (:func:`jpeft.unload`)."""
+        return self.base.unloaded() if is_node(self.base) else self.base
+
+    def adapter_indices(self) -> tuple[int, ...]:
+        """The params-wide indices of the adapters on this weight."""
+        return tuple(ad.index for ad in self.adapters)
+
     def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
         """``x (W + sum of the adapters)``; with ``ctx.adapter_ids`` each row takes its own."""
         y = matmul(self.base, x, ctx, name)
@@ -346,8 +354,18 @@ def unmerge(merged: Any, lora_params: Any) -> Any:
     must still be present. Restored bases are plain arrays in ``merged``'s dtype.
 
     Example:
-        >>> merged = jpeft.merge(params)                                 # doctest: +SKIP
-        >>> restored = jpeft.unmerge(merged, params)                      # doctest: +SKIP
+        >>> import jax, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> params = jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg)
+        >>> merged = jpeft.merge(params)
+        >>> restored = jpeft.unmerge(merged, params)
+        >>> float(jnp.abs(restored["layers"]["self_attn"]["q_proj"]["kernel"].base
+        ...               - base["layers"]["self_attn"]["q_proj"]["kernel"]).max()) < 1e-6
+        True
     """
 
     def restore(weight: Any, m: Any) -> Any:

@@ -99,7 +99,8 @@ def peft_config(method: LoRA) -> dict[str, Any]:
     """The ``adapter_config.json`` entries peft's ``LoraConfig`` reads.
 
     Example:
-        >>> peft_config(LoRA(targets="all-linear"))["target_modules"][:2]   # doctest: +SKIP
+        >>> from jpeft.lora import LoRA
+        >>> peft_config(LoRA(targets="all-linear"))["target_modules"][:2]
         ['down_proj', 'gate_proj']
     """
     targets = method.targets
@@ -168,7 +169,15 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
     """Adapter ``method.adapter_name``'s tensors under peft's names, for the layers it touches.
 
     Example:
-        >>> sorted(tensors(method, params, method.plans(cfg)))[0]         # doctest: +SKIP
+        >>> import jax, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> method = jpeft.LoRA(r=2)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> sorted(tensors(method, params, method.plans(cfg)))[0]
         'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
     """
     out = {}
@@ -201,7 +210,21 @@ def fill(
     Raises ``ValueError`` for a missing or misshapen tensor.
 
     Example:
-        >>> params = fill(method, params, tensors, method.plans(cfg))  # doctest: +SKIP
+        >>> import jax, jpeft
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.adapter_files import AdapterTensors
+        >>> method = jpeft.LoRA(r=2)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> found = AdapterTensors(tensors(method, params, method.plans(cfg)))
+        >>> fresh = method.init(jax.random.key(1), base, cfg)
+        >>> filled = fill(method, fresh, found, method.plans(cfg))
+        >>> q = lambda p: p["layers"]["self_attn"]["q_proj"]["kernel"].adapters[0].a
+        >>> bool(jnp.all(q(filled) == q(params)))
+        True
     """
     for module, plan in plans.items():
         weight = _lora_weight(params, plan)

@@ -59,6 +59,10 @@ class TrainableTokens(Node):
     def merged(self) -> jax.Array:
         return self.dense()
 
+    def unloaded(self) -> Any:
+        """The embedding table without the trained rows (:func:`jpeft.unload`)."""
+        return self.base.unloaded() if isinstance(self.base, Node) else self.base
+
     def lookup(self, ids: jax.Array, ctx: Context) -> jax.Array:
         """Base rows, and ``delta``'s row wherever ``ids`` is a trained index."""
         y = lookup(self.base, ids, ctx).astype(ctx.dtype)

@@ -201,7 +201,13 @@ def from_torch(state: Mapping[str, Any], kind: str) -> Params:
     encoder and is ignored.
 
     Example:
-        >>> enc = from_torch(peft_prompt_encoder.state_dict(), "MLP")   # doctest: +SKIP
+        >>> import peft
+        >>> torch_encoder = peft.tuners.p_tuning.PromptEncoder(peft.PromptEncoderConfig(
+        ...     task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=16,
+        ...     num_transformer_submodules=1, encoder_hidden_size=8))
+        >>> enc = from_torch(torch_encoder.state_dict(), "MLP")
+        >>> {name: layer["kernel"].shape for name, layer in enc.items()}
+        {'input': (16, 8), 'hidden': (8, 8), 'output': (8, 16)}
     """
     if kind == "MLP":
         names = {"input": "mlp_head.0", "hidden": "mlp_head.2", "output": "mlp_head.4"}

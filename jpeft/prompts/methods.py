@@ -44,9 +44,15 @@ class PromptTuning(PromptInit, Method):
     Options: those of :class:`jpeft.prompts.prompt_init.PromptInit`.
 
     Example:
+        >>> from jpeft.models import hf
+        >>> from jpeft.models.tokenizer import Tokenizer
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
+        >>> tok = Tokenizer.from_dir("assets/tiny-llama")
         >>> method = PromptTuning(num_virtual_tokens=8, prompt_init="TEXT",
-        ...                       init_text="Classify the review:", tokenizer=tok)  # doctest: +SKIP
-        >>> params = method.init(jax.random.key(0), params, cfg)   # doctest: +SKIP
+        ...                       init_text="Sort the digits:", tokenizer=tok)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> params["prompt"].embedding.shape  # [num_virtual_tokens, hidden]
+        (8, 128)
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
@@ -84,7 +90,14 @@ class PTuning(Method):
 
     Example:
         >>> method = PTuning(num_virtual_tokens=8, encoder_type="LSTM", encoder_hidden_size=64)
-        >>> params = method.init(jax.random.key(0), params, cfg)   # doctest: +SKIP
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> sorted(params["prompt"].encoder)
+        ['head', 'lstm', 'output']
     """
 
     peft_type: ClassVar[str] = "P_TUNING"

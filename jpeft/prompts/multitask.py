@@ -62,8 +62,15 @@ class MultitaskPromptTuning(PromptInit, Method):
 
     Example:
         >>> method = MultitaskPromptTuning(num_virtual_tokens=8, num_tasks=3)
-        >>> params = method.init(jax.random.key(0), params, cfg)           # doctest: +SKIP
-        >>> logits = model.apply({"params": params}, ids, task_ids=tasks)  # doctest: +SKIP
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> ids, tasks = jnp.zeros((2, 5), jnp.int32), jnp.array([0, 2])
+        >>> llama.Llama(cfg).apply({"params": params}, ids, task_ids=tasks).shape
+        (2, 5, 32)
     """
 
     peft_type: ClassVar[str] = "MULTITASK_PROMPT_TUNING"

@@ -101,6 +101,10 @@ class NamedAdapters(Node):
         """True when the adapters carry a leading layer axis (LLaMA-Adapter)."""
         return all(getattr(a, "per_layer", False) for a in self.adapters)
 
+    def adapter_indices(self) -> tuple[int, ...]:
+        """The indices ``ctx.adapter_ids`` selects these adapters by (their positions)."""
+        return tuple(range(len(self.names)))
+
     def adapter(self, name: str) -> Node:
         """Adapter ``name`` as an active (trainable) node; ``ValueError`` listing the names."""
         if name not in self.names:
@@ -147,11 +151,13 @@ class NamedAdapters(Node):
         )
         return pick(list(keys)), pick(list(values))
 
-    def adaption_output(self, q: jax.Array, attn: dict[str, Any], ctx: Context) -> jax.Array | None:
+    def adaption_output(
+        self, q: jax.Array, rope: tuple[jax.Array, jax.Array], attn: dict[str, Any], ctx: Context
+    ) -> jax.Array | None:
         """The active adapter's output ``[B, T, hidden]`` in this layer, or each row's."""
         if ctx.adapter_ids is None:
-            return self.active.adaption_output(q, attn, ctx)
-        rows = [a.adaption_output(q, attn, ctx) for a in self.adapters]
+            return self.active.adaption_output(q, rope, attn, ctx)
+        rows = [a.adaption_output(q, rope, attn, ctx) for a in self.adapters]
         return self._by_row(rows, ctx.adapter_ids, batch_axis=0, base_allowed=True)
 
     def _by_row(

@@ -44,7 +44,14 @@ class PrefixTuning(Method):
 
     Example:
         >>> method = PrefixTuning(num_virtual_tokens=10, encoder_hidden_size=512)
-        >>> params = method.init(jax.random.key(0), params, cfg)   # doctest: +SKIP
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> type(params["prefix"]).__name__
+        'ProjectedPrefix'
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
@@ -127,7 +134,14 @@ class PTuningV2(PrefixTuning):
 
     Example:
         >>> method = PTuningV2(num_virtual_tokens=16)
-        >>> params = method.init(jax.random.key(0), params, cfg)   # doctest: +SKIP
+        >>> from jpeft.models import llama
+        >>> from jpeft.models.config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=2, num_attention_heads=2)
+        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> params = method.init(jax.random.key(0), base, cfg)
+        >>> type(params["prefix"]).__name__
+        'Prefix'
     """
 
     prefix_projection: bool = False

@@ -119,7 +119,11 @@ def start_prompt(method: Any, key: jax.Array, params: Params) -> jax.Array:
     ``tokenizer`` and ``init_token_ids`` (PromptTuning, MultitaskPromptTuning).
 
     Example:
-        >>> start_prompt(jpeft.PromptTuning(num_virtual_tokens=4), key, params)  # doctest: +SKIP
+        >>> import jpeft
+        >>> from jpeft.models import hf
+        >>> _, params = hf.load_pretrained("assets/tiny-llama")
+        >>> start_prompt(jpeft.PromptTuning(num_virtual_tokens=4), jax.random.key(0), params).shape
+        (4, 128)
     """
     n = method.num_virtual_tokens
     ids = None

@@ -103,6 +103,10 @@ class QuantizedWeight(Node):
     def dense(self) -> jax.Array:
         return self.dequantize(jnp.float32)
 
+    def unloaded(self) -> QuantizedWeight:
+        """Itself: a quantized weight is the base (:func:`jpeft.unload` keeps it)."""
+        return self
+
     def matmul(self, x: jax.Array, ctx: Context, name: str) -> jax.Array:
         """``x @ W`` through :func:`jpeft.quant.kernels.matmul` (fused kernels on CUDA)."""
         return kernels.matmul(x.astype(ctx.dtype), self)
