@@ -60,7 +60,7 @@ def test_the_adapter_files_get_umask_permissions(tmp_path, cfg, params):
     finally:
         os.umask(old_mask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
-    expected = ("adapter_model.safetensors", "adapter_config.json", "jpeft_base.json")
+    expected = ("adapter_model.safetensors", "adapter_config.json", "jpeft_base.json", "README.md")
     assert modes == dict.fromkeys(expected, 0o644)
 
 
