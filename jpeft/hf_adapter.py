@@ -38,11 +38,8 @@ def save_hf_adapter(
 
     Example:
         >>> import tempfile, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> method = jpeft.LoRA(r=2)
         >>> out = tempfile.mkdtemp()
         >>> jpeft.save_hf_adapter(out, method, method.init(jax.random.key(0), base, cfg), cfg)
@@ -111,11 +108,8 @@ def load_hf_adapter(
 
     Example:
         >>> import tempfile, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> out = tempfile.mkdtemp()
         >>> trained = jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg)
         >>> jpeft.save_hf_adapter(out, jpeft.LoRA(r=2), trained, cfg)

@@ -26,11 +26,8 @@ class Method(abc.ABC):
     :meth:`adapter_tensors`; :func:`jpeft.load_hf_adapter` calls :meth:`from_adapter`.
 
     Example:
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> import jpeft
         >>> method = jpeft.LoRA(r=8, targets=("q_proj", "v_proj"))
         >>> params = method.init(jax.random.key(0), base, cfg)

@@ -29,11 +29,8 @@ class QLoRA(LoRA):
     Example:
         >>> method = QLoRA(r=64, alpha=16, dropout=0.1, targets="all-linear")
         >>> import jax
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> params = method.init(jax.random.key(0), base, cfg)
         >>> type(params["layers"]["mlp"]["up_proj"]["kernel"]).__name__
         'LoRAWeight'

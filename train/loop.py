@@ -77,7 +77,8 @@ def train(
         >>> with contextlib.redirect_stdout(io.StringIO()):
         ...     outcome = train(RunConfig(steps=2, eval_samples=4, output_dir=out))
         >>> outcome.status, outcome.step, sorted(os.listdir(os.path.join(out, "adapter")))
-        ('done', 2, ['adapter_config.json', 'adapter_model.safetensors', 'jpeft_base.json'])
+        ('done', 2, ['README.md', 'adapter_config.json', 'adapter_model.safetensors',
+                     'jpeft_base.json'])
     """
     started_at = time.perf_counter()
     out = resume or run.output_dir or _default_dir(run.method)

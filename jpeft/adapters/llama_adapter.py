@@ -73,15 +73,12 @@ class LlamaAdapter(Method):
 
     Example:
         >>> method = LlamaAdapter(adapter_len=10, adapter_layers=2)
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> params = method.init(jax.random.key(0), base, cfg)
         >>> import jpeft
         >>> sum(leaf.size for leaf in jax.tree.leaves(jpeft.split(params)[0]))  # trainable
-        322
+        5124
     """
 
     peft_type: ClassVar[str] = "ADAPTION_PROMPT"

@@ -58,15 +58,12 @@ class LoRA(Method):
     Example:
         >>> method = LoRA(r=16, alpha=32, dropout=0.05, targets=("q_proj", "v_proj"))
         >>> import jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> params = method.init(jax.random.key(0), base, cfg)
         >>> trainable, frozen = jpeft.split(params)
         >>> trainable["layers"]["self_attn"]["q_proj"]["kernel"].adapters[0].a.shape  # [L, in, r]
-        (2, 16, 16)
+        (4, 128, 16)
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -295,11 +292,8 @@ def load_adapter(
 
     Example:
         >>> import tempfile, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> dirs = {name: tempfile.mkdtemp() for name in "ab"}
         >>> for seed, (name, path) in enumerate(dirs.items()):
         ...     trained = LoRA(r=2).init(jax.random.key(seed), base, cfg)

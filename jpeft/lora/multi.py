@@ -35,11 +35,8 @@ def adapter_names(params: Params) -> tuple[str, ...]:
 
     Example:
         >>> import jax, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> from jpeft.lora import LoRA
         >>> adapter_names(LoRA(adapter_name="a").init(jax.random.key(0), base, cfg))
         ('a',)
@@ -59,11 +56,8 @@ def adapter_ids(params: Params, names: Sequence[str]) -> jax.Array:
 
     Example:
         >>> import jax, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> from jpeft.lora import LoRA
         >>> params = LoRA(adapter_name="a").init(jax.random.key(0), base, cfg)
         >>> params = LoRA(adapter_name="b").init(jax.random.key(1), params, cfg)
@@ -72,7 +66,7 @@ def adapter_ids(params: Params, names: Sequence[str]) -> jax.Array:
         [0, -1, 1]
         >>> llama.Llama(cfg).apply({"params": params}, jnp.zeros((3, 4), jnp.int32),
         ...                        adapter_ids=ids).shape
-        (3, 4, 32)
+        (3, 4, 1077)
     """
     known = adapter_names(params)
     unknown = sorted({n for n in names if n != BASE and n not in known})
@@ -88,11 +82,8 @@ def set_adapter(params: Params, names: str | Sequence[str]) -> Params:
 
     Example:
         >>> import jax, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> from jpeft.lora import LoRA
         >>> params = LoRA(adapter_name="a").init(jax.random.key(0), base, cfg)
         >>> params = LoRA(adapter_name="b").init(jax.random.key(1), params, cfg)

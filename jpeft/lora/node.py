@@ -355,11 +355,8 @@ def unmerge(merged: Any, lora_params: Any) -> Any:
 
     Example:
         >>> import jax, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> params = jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg)
         >>> merged = jpeft.merge(params)
         >>> restored = jpeft.unmerge(merged, params)

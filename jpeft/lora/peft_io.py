@@ -170,11 +170,8 @@ def tensors(method: LoRA, params: Params, plans: dict[str, ModulePlan]) -> dict[
 
     Example:
         >>> import jax, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> method = jpeft.LoRA(r=2)
         >>> params = method.init(jax.random.key(0), base, cfg)
         >>> sorted(tensors(method, params, method.plans(cfg)))[0]
@@ -211,11 +208,8 @@ def fill(
 
     Example:
         >>> import jax, jpeft
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> from jpeft.adapter_files import AdapterTensors
         >>> method = jpeft.LoRA(r=2)
         >>> params = method.init(jax.random.key(0), base, cfg)

@@ -90,11 +90,8 @@ class PTuning(Method):
 
     Example:
         >>> method = PTuning(num_virtual_tokens=8, encoder_type="LSTM", encoder_hidden_size=64)
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> params = method.init(jax.random.key(0), base, cfg)
         >>> sorted(params["prompt"].encoder)
         ['head', 'lstm', 'output']

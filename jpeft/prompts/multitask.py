@@ -62,15 +62,12 @@ class MultitaskPromptTuning(PromptInit, Method):
 
     Example:
         >>> method = MultitaskPromptTuning(num_virtual_tokens=8, num_tasks=3)
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> params = method.init(jax.random.key(0), base, cfg)
         >>> ids, tasks = jnp.zeros((2, 5), jnp.int32), jnp.array([0, 2])
         >>> llama.Llama(cfg).apply({"params": params}, ids, task_ids=tasks).shape
-        (2, 5, 32)
+        (2, 5, 1077)
     """
 
     peft_type: ClassVar[str] = "MULTITASK_PROMPT_TUNING"

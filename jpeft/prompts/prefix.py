@@ -44,11 +44,8 @@ class PrefixTuning(Method):
 
     Example:
         >>> method = PrefixTuning(num_virtual_tokens=10, encoder_hidden_size=512)
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> params = method.init(jax.random.key(0), base, cfg)
         >>> type(params["prefix"]).__name__
         'ProjectedPrefix'
@@ -134,11 +131,8 @@ class PTuningV2(PrefixTuning):
 
     Example:
         >>> method = PTuningV2(num_virtual_tokens=16)
-        >>> from jpeft.models import llama
-        >>> from jpeft.models.config import LlamaConfig
-        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-        ...                   num_hidden_layers=2, num_attention_heads=2)
-        >>> base = llama.init_params(jax.random.key(1), cfg)
+        >>> from jpeft.models import hf, llama
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
         >>> params = method.init(jax.random.key(0), base, cfg)
         >>> type(params["prefix"]).__name__
         'Prefix'
