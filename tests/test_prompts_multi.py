@@ -205,3 +205,12 @@ def test_named_adapter_errors(tmp_path):
         llama.forward(two, cfg, jnp.asarray(ids), attention_mask=jnp.asarray(mask), ctx=base_row)
     unchecked = _ours(two, ids, mask, jnp.array([0, 2]))  # under jit: the bad row is NaN
     assert np.isfinite(unchecked[0]).all() and np.isnan(unchecked[1]).all()
+
+
+def test_saving_named_llama_adapters_as_one_adapter_names_the_way(tmp_path):
+    cfg, params, _, _ = _setup()
+    method = LlamaAdapter(adapter_len=2, adapter_layers=1)
+    held = named.add_adapter(jax.random.key(0), params, cfg, method, "x")
+    held = named.add_adapter(jax.random.key(1), held, cfg, method, "y")
+    with pytest.raises(ValueError, match=r"named adapters \['x', 'y'\].*named.save_adapter"):
+        jpeft.save_hf_adapter(tmp_path, method, held, cfg)

@@ -28,6 +28,7 @@ from jpeft.models.linear import linear
 from jpeft.models.pytree import Params
 from jpeft.models.rope import apply_rotary_apart
 from jpeft.nodes import Node, layer_mask, masked_layers, node
+from jpeft.prompts.nodes import entry_node
 
 
 @node(trainable=("prompt", "gate"), decay=())
@@ -119,7 +120,7 @@ class LlamaAdapter(Method):
         }
 
     def adapter_tensors(self, params: Params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        adaption = params["adaption"]
+        adaption = entry_node(params, "adaption", (AdaptionPrompt,), "LlamaAdapter")
         out = {}
         for layer in masked_layers(adaption.layer_mask):
             prefix = peft_module(layer, "self_attn")
