@@ -44,7 +44,7 @@ CASES = {
         LlamaAdapter(adapter_len=4, adapter_layers=2),
     ),
 }
-NAMES = ("x", "y")  # peft warns about names inside its prefix "adaption_prompt_"
+NAMES = ("one", "two")  # peft warns about names inside its prefixes ("one" in "prefix_tuning_")
 
 
 def _setup():
@@ -77,13 +77,13 @@ def _rel_err(out, ref):
 
 
 def _peft_pair(case):
-    """A peft model holding adapters "x" and "y" of ``case`` (random, gates open)."""
+    """A peft model holding adapters "one" and "two" of ``case`` (random, gates open)."""
     cfg, params, _, _ = _setup()
     config_cls, options, _ = CASES[case]
     torch.manual_seed(0)
     make = lambda: config_cls(task_type="CAUSAL_LM", **options, **_tokens(case))
-    model = peft.get_peft_model(hf_twin(params, cfg), make(), adapter_name="x")
-    model.add_adapter("y", make())
+    model = peft.get_peft_model(hf_twin(params, cfg), make(), adapter_name="one")
+    model.add_adapter("two", make())
     for name in NAMES:  # peft keeps inactive adaption prompts outside the module tree
         model.set_adapter(name)
         with torch.no_grad():
@@ -94,9 +94,9 @@ def _peft_pair(case):
 
 
 def _two_of(method, params, cfg):
-    """``params`` holding adapters "x" then "y" of ``method`` (gates opened: 0.7, -0.4)."""
-    held = named.add_adapter(jax.random.key(1), params, cfg, method, "x")
-    held = named.add_adapter(jax.random.key(2), held, cfg, method, "y")
+    """``params`` holding adapters "one" then "two" of ``method`` (gates opened: 0.7, -0.4)."""
+    held = named.add_adapter(jax.random.key(1), params, cfg, method, "one")
+    held = named.add_adapter(jax.random.key(2), held, cfg, method, "two")
     entry = held.get("adaption")
     if entry is None:
         return held
@@ -126,7 +126,7 @@ def test_peft_named_adapters_load_into_one_tree(case, tmp_path):
     for name in NAMES:
         err = _rel_err(_ours(named.set_adapter(held, name)), refs[name])
         assert err < 1e-5, (name, err)
-    assert not np.allclose(refs["x"], refs["y"])
+    assert not np.allclose(refs["one"], refs["two"])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -136,8 +136,10 @@ def test_our_named_adapters_load_into_peft(case, tmp_path):
     held = _two_of(method, params, cfg)
     for name in NAMES:
         named.save_adapter(tmp_path / name, method, held, cfg, name)
-    model = peft.PeftModel.from_pretrained(hf_twin(params, cfg), tmp_path / "x", adapter_name="x")
-    model.load_adapter(tmp_path / "y", adapter_name="y")
+    model = peft.PeftModel.from_pretrained(
+        hf_twin(params, cfg), tmp_path / "one", adapter_name="one"
+    )
+    model.load_adapter(tmp_path / "two", adapter_name="two")
     model.eval()
     outs = {}
     for name in NAMES:
@@ -145,7 +147,7 @@ def test_our_named_adapters_load_into_peft(case, tmp_path):
         outs[name] = _ours(named.set_adapter(held, name))
         err = _rel_err(outs[name], _peft(model))
         assert err < 1e-5, (name, err)
-    assert not np.allclose(outs["x"], outs["y"])
+    assert not np.allclose(outs["one"], outs["two"])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -153,7 +155,7 @@ def test_per_row_adapters_equal_separate_runs(case):
     cfg, params, ids, mask = _setup()
     method = CASES[case][2]
     held = _two_of(method, params, cfg)
-    rows = ["y", "x", "__base__"] if case == "adaption_prompt" else ["y", "x", "y"]
+    rows = ["two", "one", "__base__"] if case == "adaption_prompt" else ["two", "one", "two"]
     ids3, mask3 = np.concatenate([ids, ids[:1]]), np.concatenate([mask, mask[:1]])
     mixed = _ours(held, ids3, mask3, named.adapter_ids(held, rows))
     separate = {n: _ours(named.set_adapter(held, n), ids3, mask3) for n in NAMES}
@@ -191,7 +193,7 @@ def test_named_adapter_errors(tmp_path):
     with pytest.raises(ValueError, match="no adapter named 'c'; params hold \\['a'\\]"):
         named.set_adapter(held, "c")
     with pytest.raises(ValueError, match="for LoRA use"):
-        named.add_adapter(jax.random.key(2), held, cfg, jpeft.LoRA(r=2), "x")
+        named.add_adapter(jax.random.key(2), held, cfg, jpeft.LoRA(r=2), "one")
     with pytest.raises(ValueError, match="reserved or empty"):
         named.add_adapter(jax.random.key(2), params, cfg, method, "__base__")
     longer = named.add_adapter(
@@ -210,7 +212,7 @@ def test_named_adapter_errors(tmp_path):
 def test_saving_named_llama_adapters_as_one_adapter_names_the_way(tmp_path):
     cfg, params, _, _ = _setup()
     method = LlamaAdapter(adapter_len=2, adapter_layers=1)
-    held = named.add_adapter(jax.random.key(0), params, cfg, method, "x")
-    held = named.add_adapter(jax.random.key(1), held, cfg, method, "y")
-    with pytest.raises(ValueError, match=r"named adapters \['x', 'y'\].*named.save_adapter"):
+    held = named.add_adapter(jax.random.key(0), params, cfg, method, "one")
+    held = named.add_adapter(jax.random.key(1), held, cfg, method, "two")
+    with pytest.raises(ValueError, match=r"named adapters \['one', 'two'\].*named.save_adapter"):
         jpeft.save_hf_adapter(tmp_path, method, held, cfg)

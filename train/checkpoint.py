@@ -255,12 +255,13 @@ class Checkpointer:
             # the failed save's other writers still run on orbax's threads: let them end
             for thread in set(threading.enumerate()) - threads:
                 thread.join(timeout=60)
-            # tensorstore's own (C++) writers may still finish a chunk: remove the partial
-            # directory until it has stayed away for half a second (10 s at most)
+            # tensorstore's own (C++) writers may still finish a chunk, late on a loaded
+            # machine: remove the partial directory until it has stayed away for two
+            # seconds (30 s at most)
             quiet = 0
-            for _ in range(100):
+            for _ in range(300):
                 quiet = 0 if self.remove_partial() else quiet + 1
-                if quiet == 5:
+                if quiet == 20:
                     break
                 time.sleep(0.1)
         self._open()
