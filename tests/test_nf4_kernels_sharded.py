@@ -9,14 +9,11 @@ does, so the rest of the suite keeps one device.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import run_on_cpu_devices
 
 import jpeft
 from jpeft import quant
@@ -24,7 +21,6 @@ from jpeft.models import llama
 from jpeft.models.config import LlamaConfig
 from jpeft.train import TrainState, train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LlamaConfig(
     vocab_size=97,
     hidden_size=64,
@@ -36,18 +32,7 @@ CFG = LlamaConfig(
 
 
 def test_sharded_kernels_on_8_devices_equal_xla_on_1_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env.update(JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "sharded kernels == one-device XLA" in proc.stdout
+    assert "sharded kernels == one-device XLA" in run_on_cpu_devices(__file__)
 
 
 def _compare_on_8_devices() -> None:
