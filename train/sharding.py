@@ -318,8 +318,16 @@ def jit_train_step(
     ``jax.set_mesh`` of a concrete mesh).
 
     Example:
-        >>> # step, state_sh, frozen_sh = jit_train_step(make_mesh(), state, frozen)
-        >>> # compiled = step.lower(state, frozen, batch).compile()
+        >>> import jpeft
+        >>> from jpeft.models import hf
+        >>> from jpeft.train.build import create_state
+        >>> from jpeft.train.config import RunConfig
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
+        >>> trainable, frozen = jpeft.split(jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg))
+        >>> state = create_state(RunConfig(), trainable, cfg)
+        >>> step, state_sh, frozen_sh = jit_train_step(make_mesh(), state, frozen)
+        >>> state_sh.step.spec
+        P()
     """
     state_sh = state_shardings(state, mesh, rules)
     frozen_sh = tree_shardings(frozen, mesh, rules)
@@ -345,8 +353,20 @@ def sharded_train_step(
     :func:`jit_train_step`); feed batches through :func:`shard_batch`.
 
     Example:
-        >>> # step, state, frozen = sharded_train_step(make_mesh("fsdp=-1"), state, frozen)
-        >>> # state, metrics = step(state, frozen, shard_batch(batch, mesh))
+        >>> import jpeft
+        >>> from jpeft.models import hf
+        >>> from jpeft.train.build import create_state
+        >>> from jpeft.train.config import RunConfig
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
+        >>> trainable, frozen = jpeft.split(jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg))
+        >>> state = create_state(RunConfig(), trainable, cfg)
+        >>> mesh = make_mesh("fsdp=-1")
+        >>> step, state, frozen = sharded_train_step(mesh, state, frozen)
+        >>> batch = {k: np.ones((2, 8), np.int32)
+        ...          for k in ("input_ids", "attention_mask", "loss_mask")}
+        >>> state, metrics = step(state, frozen, shard_batch(batch, mesh))
+        >>> int(state.step)
+        1
     """
     step, state_sh, frozen_sh = jit_train_step(mesh, state, frozen, rules, accum)
     return step, jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
