@@ -158,8 +158,19 @@ def train_step(
     when ``state.tx`` is built with ``optax.inject_hyperparams``.
 
     Example:
-        >>> # step = jax.jit(train_step, donate_argnums=0)
-        >>> # state, metrics = step(state, frozen, batch)
+        >>> import jpeft
+        >>> from jpeft.models import hf
+        >>> from jpeft.train.build import create_state
+        >>> from jpeft.train.config import RunConfig
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
+        >>> trainable, frozen = jpeft.split(jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg))
+        >>> state = create_state(RunConfig(), trainable, cfg)
+        >>> batch = {k: jnp.ones((2, 8), jnp.int32)
+        ...          for k in ("input_ids", "attention_mask", "loss_mask")}
+        >>> step = jax.jit(train_step, donate_argnums=0)
+        >>> state, metrics = step(state, frozen, batch)
+        >>> int(state.step), int(metrics["tokens"])
+        (1, 14)
     """
     accum = state.grad_accum_steps if accum is None else accum
     check_batch(batch, accum)
@@ -196,7 +207,18 @@ def eval_step(state: TrainState, frozen: Tree, batch: Batch) -> dict[str, jax.Ar
     Sum ``loss_sum`` and ``tokens`` over an eval set for its mean loss.
 
     Example:
-        >>> # metrics = jax.jit(eval_step)(state, frozen, batch)
+        >>> import jpeft
+        >>> from jpeft.models import hf
+        >>> from jpeft.train.build import create_state
+        >>> from jpeft.train.config import RunConfig
+        >>> cfg, base = hf.load_pretrained("assets/tiny-llama")
+        >>> trainable, frozen = jpeft.split(jpeft.LoRA(r=2).init(jax.random.key(0), base, cfg))
+        >>> state = create_state(RunConfig(), trainable, cfg)
+        >>> batch = {k: jnp.ones((2, 8), jnp.int32)
+        ...          for k in ("input_ids", "attention_mask", "loss_mask")}
+        >>> metrics = jax.jit(eval_step)(state, frozen, batch)
+        >>> int(metrics["tokens"])
+        14
     """
     check_batch(batch)
     total, count = _loss_sum(state.trainable, state, frozen, batch, None)
