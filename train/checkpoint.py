@@ -172,6 +172,20 @@ def _quiet_orbax() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
+def _join_threads_started_since(before: set[threading.Thread], timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for the threads not in ``before`` to end, including
+    those still starting (which ``Thread.join`` refuses)."""
+    deadline = time.monotonic() + timeout
+    while pending := set(threading.enumerate()) - before - {threading.current_thread()}:
+        if time.monotonic() > deadline:
+            return
+        for thread in pending:
+            try:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            except RuntimeError:  # not started yet
+                time.sleep(0.01)
+
+
 class Checkpointer:
     """Save and restore :class:`TrainState` checkpoints in ``directory``, keeping the newest N.
 
@@ -250,11 +264,12 @@ class Checkpointer:
         return saved
 
     def _failed_save(self, step: int, err: Exception, threads: set[threading.Thread]) -> None:
-        with _quiet_orbax(), contextlib.suppress(Exception):
-            self._manager.close()
+        with _quiet_orbax():
             # the failed save's other writers still run on orbax's threads: let them end
-            for thread in set(threading.enumerate()) - threads:
-                thread.join(timeout=60)
+            # before closing the manager, whose executors they use
+            _join_threads_started_since(threads, timeout=60)
+            with contextlib.suppress(Exception):  # close() may raise the save's error again
+                self._manager.close()
             # tensorstore's own (C++) writers may still finish a chunk, late on a loaded
             # machine: remove the partial directory until it has stayed away for two
             # seconds (30 s at most)
