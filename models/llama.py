@@ -240,12 +240,21 @@ def _cached_mask(slot_valid: jax.Array, length: jax.Array, t: int) -> jax.Array:
     return causal[None] & (slot_valid[:, None, :] > 0)
 
 
+def _to_device(x: jax.Array) -> jax.Array:
+    """``x`` in device memory: a layer's slice of params kept in host memory (a paged train
+    step's trainable layers, whose gradients then stack up in host memory) comes in here."""
+    if jax.typeof(x).memory_space == jax.memory.Space.Host:
+        return jax.device_put(x, jax.memory.Space.Device)
+    return x
+
+
 def _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention_impl):
     """One scan over all layers; ``per_layer`` holds the layer params and every per-layer input.
 
     ``per_layer["layer"]`` are the stacked layer params, ``per_layer["nodes"]`` the
     PEFT nodes with a leading layer axis, and the rest (prefix keys/values) per-layer
-    arrays; each step gets the slice of all of them for its layer. The KV cache is not
+    arrays; each step gets the slice of all of them for its layer (moved to device memory
+    where the stack is in host memory). The KV cache is not
     sliced: its stacked keys and values ride in the scan carry and each layer writes
     its new entries into them in place (:func:`jpeft.models.cache.write_layer`).
     Returns the hidden states and the updated ``(keys, values)`` (None without a cache).
@@ -254,6 +263,7 @@ def _run_layers(per_layer, cfg, x, rope, attn_mask, cache, ctx, remat, attention
 
     def body(carry, xs):
         h, stacked = carry
+        xs = jax.tree.map(_to_device, xs)
         kv = {k: v for k, v in xs.items() if k not in ("layer", "index")}
         if cache is not None:
             kv.update(cache=stacked, layer=xs["index"], length=cache.length)

@@ -83,6 +83,21 @@ def state_memory_kinds(tx: optax.GradientTransformation, params: Tree) -> Tree:
     return jax.tree.unflatten(jax.tree.structure(shape), kinds)
 
 
+def offloads_state(tx: optax.GradientTransformation, params: Tree) -> bool:
+    """Whether ``tx`` keeps any of its state in pinned host memory (e.g. :func:`paged`'s).
+
+    ``params`` may be abstract (``jax.ShapeDtypeStruct``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> params = {"w": jnp.zeros(2)}
+        >>> offloads_state(paged(optax.adam(0.1)), params), offloads_state(optax.adam(0.1), params)
+        (True, False)
+    """
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    return HOST_MEMORY_KIND in jax.tree.leaves(state_memory_kinds(tx, shapes))
+
+
 def paged(
     tx: optax.GradientTransformation, offload: bool | None = None
 ) -> optax.GradientTransformation:
@@ -162,8 +177,10 @@ def conditional_update(
     keeps it in. When ``tx`` keeps state in host memory (:func:`paged`), the update runs once
     per parameter that owns state (XLA keeps, of each run, only that parameter's part), and
     each run fetches its parameter's state only after the previous one has been written
-    back, so that device memory holds about one parameter's state at a time. The choice
-    between old and new state is made in device memory, before the write-back.
+    back, so that device memory holds about one parameter's state at a time; the smallest
+    states go first, so that the largest come when most gradients are already used and
+    freed. The choice between old and new state is made in device memory, before the
+    write-back.
 
     Example:
         >>> import jax.numpy as jnp
@@ -194,7 +211,15 @@ def conditional_update(
     out: list[Any] = list(leaves)
     new_updates = list(update_leaves)
     token: list[Any] = []
-    order = sorted(set(groups) - {SHARED}) + ([SHARED] if SHARED in groups else [])
+    # smallest state first: a group's gradient is freed once its update is done, so the
+    # largest states are fetched when the fewest gradients are still waiting
+    size = lambda g: sum(
+        np.size(leaves[i]) * np.dtype(leaves[i].dtype).itemsize
+        for i, h in enumerate(groups)
+        if h == g
+    )
+    order = sorted(set(groups) - {SHARED}, key=lambda g: (size(g), g))
+    order += [SHARED] if SHARED in groups else []
     for group in order:
         mine = [i for i, g in enumerate(groups) if g == group]
         fetched = [leaves[i] for i in mine]
