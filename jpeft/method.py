@@ -20,7 +20,8 @@ class Method(abc.ABC):
     """A PEFT method: a frozen dataclass of options plus a pure params transform.
 
     Subclasses set ``peft_type`` (the ``adapter_config.json`` key that names the
-    method: HF peft's name such as ``"LORA"``, or a jpeft-only one), are registered
+    method: HF peft's name such as ``"LORA"``, or a jpeft-only one starting with ``JPEFT_``,
+    :data:`jpeft.model_card.OWN_TYPE_PREFIX`, which peft cannot load), are registered
     with :func:`register`, and implement :meth:`init` and the three adapter-file
     methods. :func:`jpeft.save_hf_adapter` writes :meth:`adapter_config` and
     :meth:`adapter_tensors`; :func:`jpeft.load_hf_adapter` calls :meth:`from_adapter`.

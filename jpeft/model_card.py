@@ -18,16 +18,32 @@ import yaml
 from jpeft.models.atomic import write_text
 
 CARD_NAME = "README.md"
+OWN_TYPE_PREFIX = "JPEFT_"
+"""``peft_type`` prefix of jpeft's own adapter types (peft has no such method to load them)."""
 _BODY = """
 # {title}
 
-A {method} adapter for `{base}`, saved by jpeft in peft's format: load it with
-`peft.PeftModel.from_pretrained` or `jpeft.load_hf_adapter`.
+A {method} adapter for `{base}`, saved by jpeft {how}.
 """
+_PEFT_LOADS = (
+    "in peft's format: load it with `peft.PeftModel.from_pretrained` or `jpeft.load_hf_adapter`"
+)
+_JPEFT_ONLY = "in its own format, which peft cannot load: load it with `jpeft.load_hf_adapter`"
+
+
+def peft_loads(peft_type: str) -> bool:
+    """Whether HF peft can load an adapter of ``peft_type`` (all but jpeft's own types).
+
+    Example:
+        >>> peft_loads("LORA"), peft_loads("JPEFT_BOTTLENECK_ADAPTER")
+        (True, False)
+    """
+    return not peft_type.startswith(OWN_TYPE_PREFIX)
 
 
 def write_model_card(out_dir: str | os.PathLike, base_model: str | None, peft_type: str) -> None:
-    """Write or update ``out_dir/README.md``'s front matter for an adapter of ``peft_type``.
+    """Write or update ``out_dir/README.md``'s front matter for an adapter of ``peft_type``
+    (``library_name: jpeft`` for jpeft's own types, which peft cannot load).
 
     ``base_model`` is the adapter's ``base_model_name_or_path`` (omitted when None).
     A card already there keeps its body and any other front-matter fields; tags are
@@ -48,11 +64,12 @@ def write_model_card(out_dir: str | os.PathLike, base_model: str | None, peft_ty
         title=f"{peft_type} adapter" + (f" for {base_model}" if base_model else ""),
         method=peft_type,
         base=base_model or "its base model",
+        how=_PEFT_LOADS if peft_loads(peft_type) else _JPEFT_ONLY,
     )
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             meta, body = _split(f.read(), path)
-    meta["library_name"] = "peft"
+    meta["library_name"] = "peft" if peft_loads(peft_type) else "jpeft"
     meta.setdefault("pipeline_tag", "text-generation")
     tags = set(meta.get("tags") or ())
     if peft_type == "LORA":

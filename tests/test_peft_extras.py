@@ -91,6 +91,17 @@ def test_model_card_as_peft_writes_it(params, cfg, batch, tmp_path):
     peft.PeftModel.from_pretrained(hf_twin(params, cfg), tmp_path / "ours")  # still loads
 
 
+def test_model_card_of_an_own_format_adapter_does_not_point_to_peft(params, cfg, tmp_path):
+    method = jpeft.Adapter(bottleneck=4)
+    adapted = method.init(jax.random.key(1), params, cfg)
+    jpeft.save_hf_adapter(tmp_path, method, adapted, cfg, base_model_name_or_path=BASE)
+    meta, text = front_matter(tmp_path / "README.md")
+    assert meta["library_name"] == "jpeft"
+    assert "which peft cannot load" in text and "PeftModel" not in text
+    with pytest.raises(KeyError, match=method.peft_type):  # what peft does with it
+        peft.PeftModel.from_pretrained(hf_twin(params, cfg), tmp_path)
+
+
 def test_float16_params_compute_in_float32_on_cpu(params, cfg, batch):
     ids, mask = batch
     half = jax.tree.map(lambda a: a.astype(jnp.float16), params)

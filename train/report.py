@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import jpeft
+from jpeft.model_card import peft_loads
 from jpeft.models.atomic import write_json
 from jpeft.models.config import LlamaConfig
 from jpeft.train.checkpoint import DiskFull, is_disk_full
@@ -29,7 +30,8 @@ def finish(
     after: EvalResult,
     stats: dict[str, Any],
 ) -> dict[str, Any]:
-    """Save the adapter (peft format) and ``summary.json``, print where they are and samples.
+    """Save the adapter (peft's format where peft has the method) and ``summary.json``,
+    print where they are and samples.
 
     ``params``: base plus trained nodes, with the trained arrays on the host.
 
@@ -81,7 +83,8 @@ def finish(
             ) from err
 
     on_main(write, "write the adapter")
-    say(f"adapter (peft format): {adapter}")
+    own = "jpeft's own format; peft cannot load it"
+    say(f"adapter ({'peft format' if peft_loads(method.peft_type) else own}): {adapter}")
     say(f"checkpoints: {os.path.join(out, 'checkpoints')}   metrics: {out}/metrics.jsonl")
     for prompt, output, expected in after.samples[:SAMPLES_SHOWN]:
         mark = "ok" if output == expected.strip() else "wrong"
