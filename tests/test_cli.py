@@ -14,7 +14,8 @@ import peft
 import pytest
 import torch
 import transformers
-from cli_utils import reference_run, run_main
+import yaml
+from cli_utils import FAST, reference_run, run_main
 
 import jpeft
 from jpeft.models import hf, llama
@@ -144,3 +145,17 @@ def test_every_method_is_built_from_its_flags(name):
     method = build.method(run_config(build_parser().parse_args(argv)))
     assert type(method) is methods.METHODS[name].load()
     assert getattr(method, option) == expected
+
+
+def test_own_training_data_is_evaluated_on_a_split_of_it_not_on_the_bundled_task(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"instruction": f"Repeat {i}", "input": "", "output": str(i)} for i in range(8)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    code, stdout, err = run_main(
+        "train", *FAST, "--train-data", str(path), "--output-dir", str(out)
+    )
+    assert code == 0, err
+    assert f"7 training and 1 held-out examples (split off {path})" in stdout
+    assert "Sort the digits" not in stdout
+    assert yaml.safe_load((out / "run.yaml").read_text())["eval_data"] is None

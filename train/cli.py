@@ -9,6 +9,7 @@ every method option is a ``--<method>-<option>`` flag and a ``[<method>]`` key.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -281,6 +282,12 @@ def _train(args: argparse.Namespace) -> int:
     from jpeft.train.loop import train
 
     run = run_config(args, args.resume)
+    own_data = _sets(args, "train_data") and not _same_file(
+        run.train_data, config.RunConfig().train_data
+    )
+    if not args.resume and own_data and not _sets(args, "eval_data"):
+        # the bundled held-out set belongs to the bundled task, not to the user's data
+        run = dataclasses.replace(run, eval_data=None)
     outcome = train(
         run,
         resume=args.resume,
@@ -294,7 +301,7 @@ def _eval(args: argparse.Namespace) -> int:
     from jpeft.train import commands
 
     run = run_config(args, args.run)
-    if not args.run and not _sets_eval_data(args) and not _bundled(run.model):
+    if not args.run and not _sets(args, "eval_data") and not _bundled(run.model):
         raise ValueError(
             f"jpeft eval --model {run.model} needs --eval-data FILE: the bundled held-out "
             "set is the bundled model's task"
@@ -303,17 +310,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sets_eval_data(args: argparse.Namespace) -> bool:
-    """Whether the command line or ``--config`` chose the held-out data."""
-    if "run.eval_data" in vars(args):
+def _sets(args: argparse.Namespace, option: str) -> bool:
+    """Whether the command line or ``--config`` sets RunConfig's ``option``."""
+    if f"run.{option}" in vars(args):
         return True
     keys = config.load_file(args.config) if args.config else {}
-    return any(str(key).replace("-", "_") == "eval_data" for key in keys)
+    return any(str(key).replace("-", "_") == option for key in keys)
+
+
+def _same_file(path: str, other: str) -> bool:
+    return os.path.realpath(config.resolve_path(path)) == os.path.realpath(
+        config.resolve_path(other)
+    )
 
 
 def _bundled(model: str) -> bool:
-    bundled = config.resolve_path(config.RunConfig().model)
-    return os.path.realpath(config.resolve_path(model)) == os.path.realpath(bundled)
+    return _same_file(model, config.RunConfig().model)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -129,7 +129,8 @@ def evaluate(run: RunConfig, model: Model) -> EvalResult:
 
     Example:
         >>> run = RunConfig(eval_data="assets/data/eval.jsonl", eval_samples=4)
-        >>> evaluate(run, load_model(run)).total  # also prints its summary line
+        >>> evaluate(run, load_model(run)).total  # also prints the data and a summary line
+        held-out data: assets/data/eval.jsonl
         eval loss ... accuracy ...% (.../4)
         4
     """
@@ -137,6 +138,7 @@ def evaluate(run: RunConfig, model: Model) -> EvalResult:
         raise ValueError("jpeft eval needs --eval-data")
     check_seq_len(run, model.cfg)
     examples, records = load_held_out(run.eval_data, model.tokenizer, run)
+    say(f"held-out data: {run.eval_data}")
     evaluator = Evaluator(
         model.cfg,
         model.tokenizer,

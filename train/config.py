@@ -89,7 +89,8 @@ class RunConfig:
     eval_data: str | None = _opt(
         "assets/data/eval.jsonl",
         "data",
-        "held-out data file ('none': split off the training data)",
+        "held-out data file ('none': split off the training data, the default with your own "
+        "--train-data)",
         neutral=True,
     )
     data_format: str = _opt(

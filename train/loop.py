@@ -265,7 +265,8 @@ def _set_up(run: RunConfig, out: str) -> Session:
     params = build.init_params(run, method, base, cfg)
     step_fn, state, frozen = build.train_state(run, params, cfg, mesh)
     sizes = {"total_params": build.count(base), "trainable_params": build.count(state.trainable)}
-    say(f"{len(dataset.train)} training and {len(dataset.eval)} held-out examples")
+    source = f"split off {run.train_data}" if run.eval_data is None else run.eval_data
+    say(f"{len(dataset.train)} training and {len(dataset.eval)} held-out examples ({source})")
     return Session(
         run, out, path, cfg, method, evaluator, batches, mesh, step_fn, state, frozen, sizes
     )
