@@ -1,5 +1,7 @@
 """jpeft: parameter-efficient fine-tuning of LLaMA-family models in JAX."""
 
+from importlib.metadata import version as _version
+
 from jpeft import assets
 from jpeft.adapters import Adapter, LlamaAdapter
 from jpeft.arithmetic import add_weighted_adapter, delete_adapter
@@ -14,6 +16,8 @@ from jpeft.prompts import MultitaskPromptTuning, PrefixTuning, PromptTuning, PTu
 from jpeft.qlora import QLoRA
 
 register_builtins()
+
+__version__ = _version("jpeft")
 
 __all__ = [
     "Adapter",

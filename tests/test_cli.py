@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 
@@ -159,3 +160,10 @@ def test_own_training_data_is_evaluated_on_a_split_of_it_not_on_the_bundled_task
     assert f"7 training and 1 held-out examples (split off {path})" in stdout
     assert "Sort the digits" not in stdout
     assert yaml.safe_load((out / "run.yaml").read_text())["eval_data"] is None
+
+
+def test_version_is_the_installed_distributions():
+    code, stdout, _ = run_main("--version")
+    assert code == 0
+    assert jpeft.__version__ == importlib.metadata.version("jpeft")
+    assert stdout == f"jpeft {jpeft.__version__}\n"

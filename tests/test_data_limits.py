@@ -45,7 +45,7 @@ def test_a_too_long_line_is_refused_before_tokenizing(tmp_path, monkeypatch, com
     )
     assert code == 2, err
     assert re.search(rf"{re.escape(str(path))}:3 is 2,000,0\d\d characters long", err), err
-    assert "more than the maximum of 64" in err
+    assert "more than the maximum of 64" in err and "(--seq-len)" in err and "(--truncate)" in err
     assert compiles == []
 
 

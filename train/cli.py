@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from jpeft import __version__
 from jpeft.train import config, methods
 from jpeft.train.data import formats as data_formats
 from jpeft.train.values import list_item_type, type_name
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jpeft", description="Parameter-efficient fine-tuning of LLaMA models in JAX."
     )
+    parser.add_argument("--version", action="version", version=f"jpeft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     shared = _shared_options()
 

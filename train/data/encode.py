@@ -8,7 +8,7 @@ import numpy as np
 
 from jpeft.models.tokenizer import Tokenizer
 from jpeft.train.data.corpus import corpus_examples
-from jpeft.train.data.example import Example, fit_length
+from jpeft.train.data.example import TOO_LONG_ADVICE, Example, fit_length
 from jpeft.train.data.records import Record
 from jpeft.train.data.templates import render_record
 
@@ -36,8 +36,7 @@ def _checked_length(tokenizer: Tokenizer, text: str, source: str, max_len: int |
     if fewest > max_len:
         raise ValueError(
             f"{source or 'record'} is {len(text):,} characters long, at least {fewest:,} "
-            f"tokens, more than the maximum of {max_len}; shorten or drop it, raise the "
-            "sequence length, or truncate it explicitly"
+            f"tokens, more than the maximum of {max_len}; shorten or drop it, {TOO_LONG_ADVICE}"
         )
 
 

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+TOO_LONG_ADVICE = "raise the sequence length (--seq-len), or truncate it explicitly (--truncate)"
+"""How to fix a record longer than the sequence length (the command line's options)."""
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Example:
@@ -110,5 +113,5 @@ def _where(example: Example) -> str:
 def _too_long(index: int, example: Example, max_len: int) -> str:
     return (
         f"example {index}{_where(example)} has {len(example)} tokens, more than the maximum of "
-        f"{max_len}; shorten it, raise the sequence length, or truncate it explicitly"
+        f"{max_len}; shorten it, {TOO_LONG_ADVICE}"
     )
